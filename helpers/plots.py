@@ -1,0 +1,89 @@
+"""Plots: class distribution, token lengths, training curves, confusion matrix.
+
+Taught in notebook 01 (distribution, lengths), 06 (curves) and 07 (confusion matrix); used by ``helpers.train``.
+Each function returns the matplotlib Figure and saves it as PNG when given a path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+
+def _finish(fig: Figure, path: str | Path | None) -> Figure:
+    fig.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+    return fig
+
+
+def plot_class_distribution(splits: dict[str, pd.DataFrame], names: Sequence[str], path: str | Path | None = None) -> Figure:
+    """Bar chart of examples per class in each split."""
+    counts = pd.DataFrame(
+        {split: np.bincount(df["label"], minlength=len(names)) for split, df in splits.items()}, index=list(names)
+    )
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    counts.plot.bar(ax=ax, rot=0)
+    ax.set_ylabel("examples")
+    ax.set_title("Examples per class")
+    return _finish(fig, path)
+
+
+def plot_token_lengths(lengths: Sequence[int], max_length: int | None = None, path: str | Path | None = None) -> Figure:
+    """Histogram of lengths in tokens, with the truncation length marked."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(lengths, bins=40)
+    if max_length is not None:
+        ax.axvline(max_length, color="red", linestyle="--", label=f"max_length = {max_length}")
+        ax.legend()
+    ax.set_xlabel("tokens per example")
+    ax.set_ylabel("examples")
+    ax.set_title("Token lengths")
+    return _finish(fig, path)
+
+
+def plot_training_curves(log_history: Sequence[dict[str, Any]], path: str | Path | None = None) -> Figure:
+    """Training loss by step, and evaluation loss and metrics where the log has them (Trainer.state.log_history)."""
+    train = [(row["step"], row["loss"]) for row in log_history if "loss" in row]
+    evals = [row for row in log_history if "eval_loss" in row]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    if train:
+        left.plot(*zip(*train), label="train loss")
+    if evals:
+        left.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="val loss")
+        for key in ("eval_accuracy", "eval_macro_f1"):
+            if key in evals[0]:
+                right.plot([r["step"] for r in evals], [r[key] for r in evals], "o-", label=key.removeprefix("eval_"))
+    left.set_xlabel("step")
+    left.set_title("Loss")
+    left.legend()
+    right.set_xlabel("step")
+    right.set_title("Validation metrics")
+    right.set_ylim(0, 1)
+    if right.lines:
+        right.legend()
+    return _finish(fig, path)
+
+
+def plot_confusion_matrix(matrix: pd.DataFrame | np.ndarray, names: Sequence[str], path: str | Path | None = None) -> Figure:
+    """Heat map of a confusion matrix (rows: true label, columns: predicted label)."""
+    values = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.imshow(values, cmap="Blues")
+    ax.set_xticks(range(len(names)), names, rotation=30)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            color = "white" if values[i, j] > values.max() / 2 else "black"
+            ax.text(j, i, int(values[i, j]), ha="center", va="center", color=color)
+    ax.set_title("Confusion matrix")
+    return _finish(fig, path)

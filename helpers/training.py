@@ -1,0 +1,101 @@
+"""The class-weighted Trainer, the metrics and the training arguments.
+
+Taught in notebook 06 (training); used by ``helpers.train``.
+"""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+from transformers import Trainer, TrainingArguments
+
+from helpers.config import CourseConfig
+
+
+class WeightedLossTrainer(Trainer):
+    """A Trainer whose loss is cross-entropy weighted per class (rare classes count more)."""
+
+    # our loss is a per-batch mean, so the Trainer must still divide it by the accumulation steps
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args: Any, class_weights: torch.Tensor | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.class_weights = class_weights
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        logits = outputs.logits.float()  # (batch, num_labels)
+        weight = None if self.class_weights is None else self.class_weights.to(logits.device)
+        loss = torch.nn.functional.cross_entropy(logits, labels, weight=weight)
+        return (loss, outputs) if return_outputs else loss
+
+
+def classification_metrics(labels: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
+    """Accuracy, balanced accuracy and macro-F1."""
+    return {
+        "accuracy": float(accuracy_score(labels, predictions)),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),
+        "macro_f1": float(f1_score(labels, predictions, average="macro")),
+    }
+
+
+def compute_metrics(eval_pred: Any) -> dict[str, float]:
+    """For ``Trainer(compute_metrics=...)``: metrics from (logits, labels)."""
+    logits, labels = eval_pred
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    return classification_metrics(np.asarray(labels), np.asarray(logits).argmax(axis=-1))
+
+
+def mixed_precision() -> dict[str, bool]:
+    """Trainer precision flags: bf16 where the GPU supports it, fp16 on older GPUs, neither on the CPU."""
+    if not torch.cuda.is_available():
+        return {"bf16": False, "fp16": False}
+    bf16 = torch.cuda.is_bf16_supported()
+    return {"bf16": bf16, "fp16": not bf16}
+
+
+def training_arguments(config: CourseConfig, output_dir: str | Path, **overrides: Any) -> TrainingArguments:
+    """TrainingArguments for the course: length-grouped batches, seeded, evaluation each epoch, no Hub reporting."""
+    values: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "learning_rate": config.learning_rate,
+        "weight_decay": config.weight_decay,
+        "warmup_steps": config.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        "num_train_epochs": config.epochs,
+        "per_device_train_batch_size": config.batch_size,
+        "per_device_eval_batch_size": config.eval_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "lr_scheduler_type": "linear",
+        # batches of similar length waste little compute on padding (transformers 5 name of group_by_length)
+        "train_sampling_strategy": "group_by_length",
+        "eval_strategy": "epoch",
+        "save_strategy": "no",
+        "logging_steps": config.logging_steps,
+        "logging_first_step": True,
+        "seed": config.seed,
+        "data_seed": config.seed,
+        "report_to": "none",
+        "dataloader_num_workers": 0,
+        **mixed_precision(),
+    }
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def peak_memory_mb() -> float:
+    """Peak memory so far: GPU memory allocated by torch on a GPU, the process's peak RSS on the CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

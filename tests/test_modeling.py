@@ -1,0 +1,99 @@
+import os
+import time
+
+import pytest
+import torch
+
+from helpers.modeling import (
+    ModelError, add_lora, bnb_config, bundled_gguf_path, compute_dtype, is_4bit, load_classifier, load_tokenizer,
+    lora_config, memory_footprint_mb, resolve_model, trainable_parameters,
+)
+
+
+@pytest.fixture(scope="module")
+def classifier_4bit(cpu_config):
+    return load_classifier(cpu_config)
+
+
+def test_bundled_model_is_cached_as_safetensors(cpu_config):
+    assert bundled_gguf_path().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = resolve_model(cpu_config.model_name)
+    assert os.path.isfile(os.path.join(path, "model.safetensors"))
+    start = time.perf_counter()
+    assert resolve_model("smollm2") == path  # second call: no conversion
+    assert time.perf_counter() - start < 1.0
+    assert resolve_model("meta-llama/Meta-Llama-3-8B") == "meta-llama/Meta-Llama-3-8B"
+
+
+def test_tokenizer_pads_right_with_a_pad_token(cpu_config):
+    tokenizer = load_tokenizer(resolve_model(cpu_config.model_name))
+    batch = tokenizer(["short", "a somewhat longer text"], padding=True)
+    assert tokenizer.padding_side == "right" and tokenizer.pad_token_id is not None
+    assert batch["attention_mask"][0][-1] == 0 and batch["input_ids"][0][-1] == tokenizer.pad_token_id
+
+
+def test_nf4_config_and_cpu_precision():
+    config = bnb_config()
+    assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
+    assert compute_dtype() == torch.float32  # on this CPU (bf16 compute measured ~20x slower)
+    assert config.bnb_4bit_compute_dtype == torch.float32
+
+
+def test_4bit_classifier_has_a_new_head_and_pad_token(classifier_4bit, cpu_config):
+    model, tokenizer = classifier_4bit
+    assert is_4bit(model)
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert model.score.weight.shape == (4, model.config.hidden_size)
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    assert model.config.id2label[1] == "Sports"
+    assert not any(p.requires_grad for p in model.parameters())  # prepare_model_for_kbit_training froze the base
+    fp32, _ = load_classifier(cpu_config, load_in_4bit=False)
+    assert not is_4bit(fp32)
+    assert memory_footprint_mb(model) < 0.4 * memory_footprint_mb(fp32)
+    inputs = tokenizer(["Stocks fell sharply.", "The team won the cup final on Sunday."], padding=True, return_tensors="pt")
+    assert model(**inputs).logits.shape == (2, 4)
+
+
+def test_lora_trains_adapters_and_the_score_head(cpu_config):
+    model, _ = load_classifier(cpu_config)
+    peft_model = add_lora(model, cpu_config)
+    counts = trainable_parameters(peft_model)
+    trainable = [name for name, p in peft_model.named_parameters() if p.requires_grad]
+    assert any("score" in name for name in trainable) and any("lora_A" in name for name in trainable)
+    assert 0 < counts["percent"] < 10
+    attention_only, _ = load_classifier(cpu_config.replace(lora_target_modules=["q_proj", "v_proj"]))
+    fewer = trainable_parameters(add_lora(attention_only, cpu_config.replace(lora_target_modules=["q_proj", "v_proj"])))
+    assert fewer["trainable"] < counts["trainable"]
+    assert lora_config(cpu_config).task_type == "SEQ_CLS"
+
+
+def test_gated_model_without_access_says_how_to_fix(cpu_config, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(ModelError, match="huggingface-cli login.*COURSE_PROFILE=smollm2-cpu"):
+        load_tokenizer("meta-llama/Meta-Llama-3-8B")
+
+
+def _first_layer_lora_grad(model, tokenizer, evaluate_first):
+    from helpers.evaluation import predict_logits
+
+    texts = ["Stocks fell sharply on Wall Street.", "The striker scored twice in the final."]
+    if evaluate_first:
+        predict_logits(model, tokenizer, texts, progress=False)
+    model.train()
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    torch.manual_seed(0)  # same LoRA dropout masks in both runs
+    model(**batch, labels=torch.tensor([2, 1])).loss.backward()
+    return model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.grad.clone()  # lora_A starts with no gradient (B = 0)
+
+
+def test_evaluating_before_training_keeps_4bit_gradients(cpu_config):
+    """bitsandbytes repacks 4-bit weights for CPU inference; after that, base-layer gradients were lost."""
+    fresh, tokenizer = load_classifier(cpu_config)
+    evaluated, _ = load_classifier(cpu_config)
+    expected = _first_layer_lora_grad(add_lora(fresh, cpu_config), tokenizer, evaluate_first=False)
+    got = _first_layer_lora_grad(add_lora(evaluated, cpu_config), tokenizer, evaluate_first=True)
+    assert not any(getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)
+                   for m in evaluated.modules())
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)

@@ -1,0 +1,111 @@
+"""The offline default job end to end (one real training run), merging, reloading and predict."""
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from helpers.data import AG_NEWS_CSV
+from helpers.evaluation import predict_logits
+from helpers.merging import (
+    LABELS_FILE, load_adapter, load_for_inference, max_logit_difference, merge, merge_and_save, read_labels,
+)
+from helpers.modeling import ModelError
+
+REQUIRED = ["config.yaml", "metrics.json", "adapter", "merged", "test.csv", "class_distribution.png",
+            "token_lengths.png", "training_curves.png", "confusion_matrix.png"]
+
+
+def test_run_folder_holds_every_output(default_run):
+    folder = default_run["dir"]
+    for name in REQUIRED:
+        assert (folder / name).exists(), name
+    assert (folder / "adapter" / LABELS_FILE).is_file() and (folder / "merged" / "model.safetensors").is_file()
+    metrics = default_run["metrics"]
+    for key in ("baseline", "final"):
+        assert set(metrics[key]) >= {"accuracy", "balanced_accuracy", "macro_f1"}
+    assert metrics["train_seconds"] > 0 and metrics["train_samples_per_second"] > 0 and metrics["peak_memory_mb"] > 0
+    assert "profile: smollm2-cpu" in (folder / "config.yaml").read_text()
+
+
+def test_training_beats_the_baseline_and_reaches_085(default_run):
+    metrics = default_run["metrics"]
+    assert metrics["test_rows"] == 400
+    assert metrics["baseline"]["accuracy"] < 0.5  # an untrained head is near chance (0.25)
+    assert metrics["final"]["accuracy"] >= 0.85
+    assert metrics["final"]["macro_f1"] >= 0.84
+    assert abs(metrics["merged"]["accuracy"] - metrics["final"]["accuracy"]) <= 0.02  # 4-bit trained vs fp32 merged
+
+
+def test_merged_and_adapter_logits_agree(default_run):
+    assert default_run["metrics"]["merge_max_abs_logit_diff"] <= 1e-3
+    texts = default_run["test"]["text"].tolist()[:48]
+    adapter_model, tokenizer = load_adapter(default_run["dir"] / "adapter", load_in_4bit=False, dtype=torch.float32)
+    merged_model, _, _ = load_for_inference(default_run["dir"] / "merged")
+    assert max_logit_difference(adapter_model, merged_model, tokenizer, texts, max_length=96) <= 1e-3
+
+
+def test_reloaded_adapter_reproduces_the_trained_model(default_run):
+    saved = pd.read_csv(default_run["dir"] / "test_predictions.csv")
+    model, tokenizer = load_adapter(default_run["dir"] / "adapter", load_in_4bit=True)
+    logits = predict_logits(model, tokenizer, default_run["test"]["text"].tolist(), batch_size=32, max_length=96, progress=False)
+    assert (logits.argmax(1) == saved["predicted"].to_numpy()).all()
+    np.testing.assert_allclose(logits, saved[[f"logit_{i}" for i in range(4)]].to_numpy(), atol=1e-3)
+
+
+def test_merging_into_4bit_is_refused(default_run):
+    model, _ = load_adapter(default_run["dir"] / "adapter", load_in_4bit=True)
+    with pytest.raises(ModelError, match="Refusing to merge into a 4-bit model"):
+        merge(model)
+
+
+def test_merge_and_save_is_reproducible(default_run, tmp_path):
+    _, _, difference = merge_and_save(default_run["dir"] / "adapter", tmp_path / "merged", check_texts=["Oil prices rose."])
+    assert difference is not None and difference <= 1e-3
+    assert read_labels(tmp_path / "merged")["labels"] == ["World", "Sports", "Business", "Sci/Tech"]
+
+
+def _cli(module, *args, cwd=None):
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_predict_1000_rows_within_two_minutes(default_run, tmp_path):
+    rows = tmp_path / "news.csv"
+    rows.write_text("".join(AG_NEWS_CSV.read_text().splitlines(keepends=True)[:1000]))
+    start = time.perf_counter()
+    result = _cli("helpers.predict", "--model", default_run["dir"] / "merged", "--input", rows, "--output", tmp_path / "out.csv")
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert elapsed <= 120, f"predict took {elapsed:.0f} s"
+    out = pd.read_csv(tmp_path / "out.csv")
+    assert len(out) == 1000 and set(out["predicted_label"]) <= {"World", "Sports", "Business", "Sci/Tech"}
+    np.testing.assert_allclose(out[[c for c in out.columns if c.startswith("prob_")]].sum(1), 1.0, atol=1e-3)
+    accuracy = float(result.stdout.split("accuracy ")[1].split()[0])
+    assert accuracy == pytest.approx((out["label"] == out["predicted_label"]).mean(), abs=1e-4) and accuracy > 0.8
+
+
+def test_predict_text_column_with_adapter_folder(default_run, tmp_path):
+    (tmp_path / "in.csv").write_text("text\nThe striker scored twice in the final.\nShares of the bank fell 5% on Monday.\n")
+    result = _cli("helpers.predict", "--model", default_run["dir"] / "adapter", "--input", tmp_path / "in.csv", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = pd.read_csv(tmp_path / "in.predictions.csv")
+    assert list(out.columns) == ["text", "predicted_label", "prob_World", "prob_Sports", "prob_Business", "prob_Sci/Tech"]
+    assert "accuracy" not in result.stdout
+
+
+def test_cli_errors_are_one_line(default_run, tmp_path):
+    again = _cli("helpers.train", "--output-dir", default_run["dir"])
+    assert again.returncode == 2 and "already holds a finished run" in again.stderr and "--overwrite" in again.stderr
+    bad = tmp_path / "bad.csv"
+    bad.write_text("headline\nx\n")
+    result = _cli("helpers.predict", "--model", default_run["dir"] / "merged", "--input", bad)
+    assert result.returncode == 2 and "`text` column" in result.stderr and "Traceback" not in result.stderr
+    result = _cli("helpers.predict", "--model", tmp_path, "--input", bad)
+    assert result.returncode == 2 and "course_labels.json" in result.stderr
+    (tmp_path / "course_labels.json").write_text(open(default_run["dir"] / "merged" / LABELS_FILE).read())
+    with pytest.raises(ModelError, match="neither a merged model"):
+        load_for_inference(tmp_path)
