@@ -41,7 +41,7 @@ class CourseConfig:
     # --- data ---
     data_source: str = "local"  # "local" (data/ folder) or "hub" (fancyzhx/ag_news, falls back to local)
     labels: list[str] = field(default_factory=lambda: list(AG_NEWS_LABELS))
-    train_per_class: int = 100
+    train_per_class: int = 200
     val_per_class: int = 25
     test_per_class: int = 100
     max_length: int = 96
@@ -49,7 +49,7 @@ class CourseConfig:
     load_in_4bit: bool = True
     # --- LoRA ---
     lora_r: int = 16
-    lora_alpha: int = 32
+    lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_target_modules: list[str] | str = "all-linear"
     # --- optimizer and schedule ---
@@ -98,7 +98,7 @@ PROFILES: dict[str, CourseConfig] = {
         test_per_class=500,
         max_length=128,
         lora_r=16,
-        lora_alpha=32,
+        lora_alpha=16,
         lora_target_modules="all-linear",
         learning_rate=1e-4,
         batch_size=8,
