@@ -1,12 +1,12 @@
 # Two commands on a fresh machine (Python 3.10+ with pip; no GPU, no Hub needed):
 #   make run    set up, then train/evaluate/merge on the offline default profile (runs/<profile>/)
-#   make test   set up, then run the tests (what CI runs)
+#   make test   set up, then run the tests and execute every notebook under nbval (what CI runs)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test clean
+.PHONY: setup run test notebooks clean
 
 setup: $(STAMP)
 
@@ -24,8 +24,13 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 run: setup
 	$(PY) -m helpers.train $(ARGS)
 
+# the unit and pipeline tests, then every notebook executed and compared by nbval
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	COURSE_PROFILE=smollm2-cpu $(PY) -m pytest tests notebooks --nbval --nbval-current-env $(PYTEST_ARGS)
+
+# re-execute the notebooks in place (commit their outputs after changing one)
+notebooks: setup
+	COURSE_PROFILE=smollm2-cpu $(PY) scripts/execute_notebooks.py
 
 clean:
 	rm -rf $(VENV) .cache runs

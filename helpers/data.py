@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from helpers.config import AG_NEWS_LABELS
+from helpers.config import AG_NEWS_LABELS, CourseConfig
 from helpers.io import REPO_ROOT
 
 DATA_DIR = REPO_ROOT / "data"
@@ -147,6 +147,14 @@ def balanced_split(
         name: pd.concat(chunks).sample(frac=1.0, random_state=seed).reset_index(drop=True)
         for name, chunks in parts.items()
     }
+
+
+def course_splits(config: CourseConfig) -> dict[str, pd.DataFrame]:
+    """The course's split for a config: its data source, per-class counts and seed (notebook 01 builds it step by step)."""
+    return balanced_split(
+        load_ag_news(config.data_source), config.train_per_class, config.val_per_class, config.test_per_class,
+        seed=config.seed, num_labels=config.num_labels,
+    )
 
 
 def imbalanced_subset(df: pd.DataFrame, per_class: Sequence[int], seed: int = 42) -> pd.DataFrame:

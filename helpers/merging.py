@@ -30,6 +30,7 @@ def _write_labels(folder: Path, config: CourseConfig) -> None:
             "id2label": {str(i): name for i, name in config.id2label.items()},
             "label2id": config.label2id,
             "max_length": config.max_length,
+            "trained_in_4bit": config.load_in_4bit,
         },
     )
 
@@ -55,18 +56,32 @@ def save_adapter(model: Any, tokenizer: Any, config: CourseConfig, folder: str |
     return folder
 
 
-def _config_from_labels(meta: dict[str, Any], **changes: Any) -> CourseConfig:
-    return CourseConfig(model_name=meta["base_model"], labels=list(meta["labels"]), max_length=meta["max_length"], **changes)
+def _config_from_labels(meta: dict[str, Any]) -> CourseConfig:
+    return CourseConfig(
+        model_name=meta["base_model"], labels=list(meta["labels"]), max_length=meta["max_length"],
+        load_in_4bit=meta.get("trained_in_4bit", True),
+    )
 
 
 def load_adapter(folder: str | Path, load_in_4bit: bool = False, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
-    """A fresh base model with the saved adapter on top. Returns (peft_model, tokenizer), in eval mode."""
+    """A fresh base model with the saved adapter on top. Returns (peft_model, tokenizer), in eval mode.
+
+    ``load_in_4bit=True`` rebuilds the model exactly as it was trained (QLoRA). With ``False`` the base is
+    16-bit (CPU: fp32), ready to merge: for an adapter trained on a 4-bit base that is the NF4 base
+    *de-quantized*, the weights the adapter actually learned against. Reloading the original 16-bit weights
+    instead (the usual recipe) shifts the predictions away from the trained model's.
+    """
     from peft import PeftConfig, PeftModel
 
     folder = Path(folder)
     meta = read_labels(folder)
-    config = _config_from_labels(meta, load_in_4bit=load_in_4bit)
-    base, tokenizer = load_classifier(config, load_in_4bit=load_in_4bit, dtype=dtype, prepare_for_training=False)
+    config = _config_from_labels(meta)
+    if load_in_4bit or config.load_in_4bit:
+        base, tokenizer = load_classifier(config, load_in_4bit=True, prepare_for_training=False)
+        if not load_in_4bit:
+            base = base.dequantize(dtype=dtype or merge_dtype())
+    else:
+        base, tokenizer = load_classifier(config, load_in_4bit=False, dtype=dtype, prepare_for_training=False)
     saved = PeftConfig.from_pretrained(folder)
     head = _saved_head_rows(folder)
     if head is not None and head != config.num_labels:
@@ -127,11 +142,18 @@ def merge_and_save(
     if before is not None:
         after = predict_logits(merged, tokenizer, check_texts, max_length=meta["max_length"], progress=False)
         difference = float(np.abs(after - before).max())
+    save_merged(merged, tokenizer, adapter_folder, merged_folder)
+    return merged, tokenizer, difference
+
+
+def save_merged(merged: Any, tokenizer: Any, adapter_folder: str | Path, merged_folder: str | Path) -> Path:
+    """Save a merged model with its tokenizer and the adapter's labels (atomically)."""
+    meta = read_labels(adapter_folder)
     with atomic_directory(merged_folder) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _write_labels(tmp, _config_from_labels(meta))
-    return merged, tokenizer, difference
+    return Path(merged_folder)
 
 
 def max_logit_difference(model_a: Any, model_b: Any, tokenizer: Any, texts: Sequence[str], max_length: int = 512) -> float:

@@ -148,11 +148,13 @@ def load_classifier(
     load_in_4bit: bool | None = None,
     dtype: torch.dtype | None = None,
     prepare_for_training: bool = True,
+    quantization_config: Any | None = None,
 ) -> tuple[Any, Any]:
     """``AutoModelForSequenceClassification`` with a new ``score`` head of ``config.num_labels`` outputs.
 
     In 4-bit, the model is also passed through ``prepare_model_for_kbit_training`` (frozen base,
-    fp32 norms; gradient checkpointing only when ``config.gradient_checkpointing``).
+    fp32 norms; gradient checkpointing only when ``config.gradient_checkpointing``). ``quantization_config``
+    replaces the course's NF4 config (notebook 03 writes its own).
     Returns (model, tokenizer); the pad token id is set on both.
     """
     from transformers import AutoModelForSequenceClassification
@@ -168,7 +170,7 @@ def load_classifier(
     }
     if four_bit:
         check_4bit_supported()
-        kwargs["quantization_config"] = bnb_config()
+        kwargs["quantization_config"] = quantization_config or bnb_config()
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     torch.manual_seed(config.seed)  # the new score head is initialised from this seed
@@ -239,6 +241,5 @@ def memory_footprint_mb(model: Any) -> float:
 
 def is_4bit(model: Any) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return bool(getattr(base, "is_loaded_in_4bit", False)) or any(
-        p.__class__.__name__ == "Params4bit" for p in base.parameters()
-    )
+    # Params4bit, not is_loaded_in_4bit: that flag stays set after model.dequantize()
+    return any(p.__class__.__name__ == "Params4bit" for p in base.parameters())

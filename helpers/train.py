@@ -19,7 +19,7 @@ import torch
 from transformers import DataCollatorWithPadding, set_seed
 
 from helpers.config import ConfigError, CourseConfig, load_config, save_config
-from helpers.data import DataError, balanced_split, class_weights, load_ag_news, token_lengths, tokenize
+from helpers.data import DataError, class_weights, course_splits, token_lengths, tokenize
 from helpers.evaluation import confusion, evaluate_classifier
 from helpers.io import atomic_write_json
 from helpers.merging import load_for_inference, merge_and_save, save_adapter
@@ -47,10 +47,7 @@ def run(config: CourseConfig, output_dir: str | Path, overwrite: bool = False) -
     print(f"profile {config.profile} | model {config.model_name} | device {device()} | compute dtype {compute_dtype()}")
 
     # data: the balanced split, written so that predict can be run on the same test rows
-    splits = balanced_split(
-        load_ag_news(config.data_source), config.train_per_class, config.val_per_class, config.test_per_class,
-        seed=config.seed, num_labels=config.num_labels,
-    )
+    splits = course_splits(config)
     test = splits["test"]
     test[["text", "label"]].to_csv(out / "test.csv", index=False)
     print({name: len(df) for name, df in splits.items()})

@@ -94,3 +94,11 @@ def test_tokenize_truncates_and_reports_lengths(ag_news, cpu_config):
     assert dataset["labels"] == sample["label"].tolist()
     stats = token_length_stats(sample["text"], tokenizer)
     assert 16 < stats["median"] <= stats["p95"] <= stats["p99"] <= stats["max"]
+
+
+def test_course_splits_follow_the_config(cpu_config):
+    from helpers.data import course_splits
+
+    splits = course_splits(cpu_config.replace(train_per_class=7, val_per_class=2, test_per_class=3, seed=5))
+    assert {k: len(v) for k, v in splits.items()} == {"train": 28, "val": 8, "test": 12}
+    assert splits["test"].equals(balanced_split(load_ag_news(), 7, 2, 3, seed=5)["test"])

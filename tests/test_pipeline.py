@@ -38,7 +38,8 @@ def test_training_beats_the_baseline_and_reaches_085(default_run):
     assert metrics["baseline"]["accuracy"] < 0.5  # an untrained head is near chance (0.25)
     assert metrics["final"]["accuracy"] >= 0.85
     assert metrics["final"]["macro_f1"] >= 0.84
-    assert abs(metrics["merged"]["accuracy"] - metrics["final"]["accuracy"]) <= 0.02  # 4-bit trained vs fp32 merged
+    # merged into the de-quantized NF4 base, the fp32 model keeps the 4-bit trained model's accuracy
+    assert abs(metrics["merged"]["accuracy"] - metrics["final"]["accuracy"]) <= 0.005
 
 
 def test_merged_and_adapter_logits_agree(default_run):
@@ -55,6 +56,13 @@ def test_reloaded_adapter_reproduces_the_trained_model(default_run):
     logits = predict_logits(model, tokenizer, default_run["test"]["text"].tolist(), batch_size=32, max_length=96, progress=False)
     assert (logits.argmax(1) == saved["predicted"].to_numpy()).all()
     np.testing.assert_allclose(logits, saved[[f"logit_{i}" for i in range(4)]].to_numpy(), atol=1e-3)
+
+
+def test_merged_model_reproduces_the_trained_predictions(default_run):
+    saved = pd.read_csv(default_run["dir"] / "test_predictions.csv")
+    model, tokenizer, _ = load_for_inference(default_run["dir"] / "merged")
+    logits = predict_logits(model, tokenizer, default_run["test"]["text"].tolist(), max_length=96, progress=False)
+    assert (logits.argmax(1) == saved["predicted"].to_numpy()).mean() >= 0.995
 
 
 def test_merging_into_4bit_is_refused(default_run):

@@ -1,0 +1,49 @@
+"""The first lines of every notebook: resolve the config, seed, quiet the libraries, name the output folder.
+
+Taught in notebook 00 (setup); called at the top of notebooks 01-07.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+from helpers.config import CourseConfig, load_config
+from helpers.io import REPO_ROOT
+from helpers.modeling import compute_dtype, device
+
+
+def quiet_libraries() -> None:
+    """Keep notebook outputs to what the lesson prints: no library progress bars, info logs or warnings."""
+    # before the imports below: they import bitsandbytes and tqdm, which warn on import
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore")
+    for name in ("bitsandbytes", "peft", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def start(profile: str | None = None, **overrides: object) -> tuple[CourseConfig, Path]:
+    """Resolve the config, seed torch/numpy/random, quiet the libraries; returns (config, output folder).
+
+    The output folder is ``notebooks/outputs/<profile>`` (git-ignored), shared by the notebooks so that
+    notebook 07 finds the adapter notebook 06 trained.
+    """
+    quiet_libraries()  # first: importing transformers below already prints warnings
+    from transformers import set_seed
+
+    config = load_config(profile, **overrides)
+    set_seed(config.seed)
+    output_dir = REPO_ROOT / "notebooks" / "outputs" / config.profile
+    output_dir.mkdir(parents=True, exist_ok=True)
+    print(f"profile: {config.profile} | model: {config.model_name} | device: {device()} | "
+          f"compute dtype: {str(compute_dtype()).removeprefix('torch.')}")
+    return config, output_dir
