@@ -16,7 +16,7 @@ import torch
 from helpers.config import CourseConfig
 from helpers.evaluation import predict_logits
 from helpers.io import atomic_directory, atomic_write_json
-from helpers.modeling import ModelError, compute_dtype, is_4bit, load_classifier
+from helpers.modeling import ModelError, compute_dtype, is_4bit, load_classifier, serving_dtype
 
 LABELS_FILE = "course_labels.json"
 
@@ -163,8 +163,12 @@ def max_logit_difference(model_a: Any, model_b: Any, tokenizer: Any, texts: Sequ
     return float(np.abs(a - b).max())
 
 
-def load_for_inference(folder: str | Path) -> tuple[Any, Any, dict[int, str]]:
-    """A merged model folder or an adapter folder, ready to predict. Returns (model, tokenizer, id2label)."""
+def load_for_inference(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[Any, Any, dict[int, str]]:
+    """A merged model folder or an adapter folder, ready to predict. Returns (model, tokenizer, id2label).
+
+    ``dtype`` defaults to ``serving_dtype()`` (bf16 on CPUs with native bf16, else fp32; GPUs: bf16/fp16);
+    pass ``torch.float32`` to check a merge exactly.
+    """
     from transformers import AutoModelForSequenceClassification
 
     from helpers.modeling import load_tokenizer
@@ -174,11 +178,12 @@ def load_for_inference(folder: str | Path) -> tuple[Any, Any, dict[int, str]]:
         raise ModelError(f"Model folder {folder} does not exist. Pass the merged/ or adapter/ folder of a run.")
     meta = read_labels(folder)
     id2label = {int(i): name for i, name in meta["id2label"].items()}
+    dtype = dtype or serving_dtype()
     if (folder / "adapter_config.json").is_file():
-        model, tokenizer = load_adapter(folder, load_in_4bit=False, dtype=merge_dtype())
+        model, tokenizer = load_adapter(folder, load_in_4bit=False, dtype=dtype)
     elif (folder / "config.json").is_file():
         tokenizer = load_tokenizer(str(folder))
-        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=merge_dtype())
+        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype)
         model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     else:
         raise ModelError(

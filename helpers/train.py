@@ -22,7 +22,7 @@ from helpers.config import ConfigError, CourseConfig, load_config, save_config
 from helpers.data import DataError, class_weights, course_splits, token_lengths, tokenize
 from helpers.evaluation import confusion, evaluate_classifier
 from helpers.io import atomic_write_json
-from helpers.merging import load_for_inference, merge_and_save, save_adapter
+from helpers.merging import load_for_inference, merge_and_save, merge_dtype, save_adapter
 from helpers.modeling import ModelError, add_lora, compute_dtype, device, load_classifier, trainable_parameters
 from helpers.plots import plot_class_distribution, plot_confusion_matrix, plot_token_lengths, plot_training_curves
 from helpers.training import WeightedLossTrainer, compute_metrics, peak_memory_mb, training_arguments
@@ -96,7 +96,7 @@ def run(config: CourseConfig, output_dir: str | Path, overwrite: bool = False) -
     save_adapter(model, tokenizer, config, out / "adapter")
     del trainer, model
     _, _, merge_difference = merge_and_save(out / "adapter", out / "merged", check_texts=test["text"].tolist()[:64])
-    merged_model, merged_tokenizer, _ = load_for_inference(out / "merged")
+    merged_model, merged_tokenizer, _ = load_for_inference(out / "merged", dtype=merge_dtype())
     merged_metrics = evaluate_classifier(merged_model, merged_tokenizer, test, config.eval_batch_size, config.max_length)
 
     metrics = {

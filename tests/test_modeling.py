@@ -97,3 +97,10 @@ def test_evaluating_before_training_keeps_4bit_gradients(cpu_config):
                    for m in evaluated.modules())
     assert expected.abs().sum() > 0
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_serving_precision_follows_the_cpu():
+    from helpers.modeling import serving_dtype
+
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert serving_dtype() == (torch.bfloat16 if native else torch.float32)

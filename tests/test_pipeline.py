@@ -46,7 +46,7 @@ def test_merged_and_adapter_logits_agree(default_run):
     assert default_run["metrics"]["merge_max_abs_logit_diff"] <= 1e-3
     texts = default_run["test"]["text"].tolist()[:48]
     adapter_model, tokenizer = load_adapter(default_run["dir"] / "adapter", load_in_4bit=False, dtype=torch.float32)
-    merged_model, _, _ = load_for_inference(default_run["dir"] / "merged")
+    merged_model, _, _ = load_for_inference(default_run["dir"] / "merged", dtype=torch.float32)
     assert max_logit_difference(adapter_model, merged_model, tokenizer, texts, max_length=96) <= 1e-3
 
 
@@ -60,9 +60,12 @@ def test_reloaded_adapter_reproduces_the_trained_model(default_run):
 
 def test_merged_model_reproduces_the_trained_predictions(default_run):
     saved = pd.read_csv(default_run["dir"] / "test_predictions.csv")
-    model, tokenizer, _ = load_for_inference(default_run["dir"] / "merged")
+    model, tokenizer, _ = load_for_inference(default_run["dir"] / "merged", dtype=torch.float32)
     logits = predict_logits(model, tokenizer, default_run["test"]["text"].tolist(), max_length=96, progress=False)
     assert (logits.argmax(1) == saved["predicted"].to_numpy()).mean() >= 0.995
+    served, _, _ = load_for_inference(default_run["dir"] / "merged")  # serving precision (bf16 on this CPU)
+    bf16 = predict_logits(served, tokenizer, default_run["test"]["text"].tolist(), max_length=96, progress=False)
+    assert (bf16.argmax(1) == logits.argmax(1)).mean() >= 0.99
 
 
 def test_merging_into_4bit_is_refused(default_run):
