@@ -71,25 +71,25 @@ def load_adapter(folder: str | Path, load_in_4bit: bool = False, dtype: torch.dt
     *de-quantized*, the weights the adapter actually learned against. Reloading the original 16-bit weights
     instead (the usual recipe) shifts the predictions away from the trained model's.
     """
-    from peft import PeftConfig, PeftModel
+    from peft import PeftModel
 
     folder = Path(folder)
-    meta = read_labels(folder)
-    config = _config_from_labels(meta)
-    if load_in_4bit or config.load_in_4bit:
-        base, tokenizer = load_classifier(config, load_in_4bit=True, prepare_for_training=False)
-        if not load_in_4bit:
-            base = base.dequantize(dtype=dtype or merge_dtype())
-    else:
-        base, tokenizer = load_classifier(config, load_in_4bit=False, dtype=dtype, prepare_for_training=False)
-    saved = PeftConfig.from_pretrained(folder)
+    config = _config_from_labels(read_labels(folder))
     head = _saved_head_rows(folder)
     if head is not None and head != config.num_labels:
         raise ModelError(
             f"The adapter in {folder} was trained for {head} labels but its label file lists {config.num_labels}. "
             "Use the course_labels.json saved with that adapter."
         )
-    model = PeftModel.from_pretrained(base, folder, config=saved)
+    if load_in_4bit or config.load_in_4bit:
+        base, tokenizer = load_classifier(config, load_in_4bit=True, prepare_for_training=False)
+        if not load_in_4bit:
+            base = base.dequantize(dtype=dtype or merge_dtype())
+    else:
+        base, tokenizer = load_classifier(config, load_in_4bit=False, dtype=dtype, prepare_for_training=False)
+    model = PeftModel.from_pretrained(base, folder)
+    if not load_in_4bit:
+        model = model.to(dtype or merge_dtype())  # peft keeps adapter weights in fp32; match a 16-bit base
     model.eval()
     return model, tokenizer
 

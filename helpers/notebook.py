@@ -31,6 +31,17 @@ def quiet_libraries() -> None:
     datasets.logging.set_verbosity_error()
 
 
+def _inline_figures() -> None:
+    """``%matplotlib inline`` now, so the first cell that returns a Figure already shows it as an image."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None and shell.__class__.__name__ == "ZMQInteractiveShell":
+        shell.run_line_magic("matplotlib", "inline")
+
+
 def start(profile: str | None = None, **overrides: object) -> tuple[CourseConfig, Path]:
     """Resolve the config, seed torch/numpy/random, quiet the libraries; returns (config, output folder).
 
@@ -38,6 +49,7 @@ def start(profile: str | None = None, **overrides: object) -> tuple[CourseConfig
     notebook 07 finds the adapter notebook 06 trained.
     """
     quiet_libraries()  # first: importing transformers below already prints warnings
+    _inline_figures()
     from transformers import set_seed
 
     config = load_config(profile, **overrides)

@@ -1,7 +1,8 @@
 """Plots: class distribution, token lengths, training curves, confusion matrix.
 
 Taught in notebook 01 (distribution, lengths), 06 (curves) and 07 (confusion matrix); used by ``helpers.train``.
-Each function returns the matplotlib Figure and saves it as PNG when given a path.
+Each function returns a matplotlib Figure (outside pyplot, so a notebook shows it once, as the cell's value)
+and saves it as PNG when given a path.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -29,7 +29,8 @@ def plot_class_distribution(splits: dict[str, pd.DataFrame], names: Sequence[str
     counts = pd.DataFrame(
         {split: np.bincount(df["label"], minlength=len(names)) for split, df in splits.items()}, index=list(names)
     )
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     counts.plot.bar(ax=ax, rot=0)
     ax.set_ylabel("examples")
     ax.set_title("Examples per class")
@@ -38,7 +39,8 @@ def plot_class_distribution(splits: dict[str, pd.DataFrame], names: Sequence[str
 
 def plot_token_lengths(lengths: Sequence[int], max_length: int | None = None, path: str | Path | None = None) -> Figure:
     """Histogram of lengths in tokens, with the truncation length marked."""
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     ax.hist(lengths, bins=40)
     if max_length is not None:
         ax.axvline(max_length, color="red", linestyle="--", label=f"max_length = {max_length}")
@@ -53,7 +55,8 @@ def plot_training_curves(log_history: Sequence[dict[str, Any]], path: str | Path
     """Training loss by step, and evaluation loss and metrics where the log has them (Trainer.state.log_history)."""
     train = [(row["step"], row["loss"]) for row in log_history if "loss" in row]
     evals = [row for row in log_history if "eval_loss" in row]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig = Figure(figsize=(10, 3.5))
+    left, right = fig.subplots(1, 2)
     if train:
         left.plot(*zip(*train), label="train loss")
     if evals:
@@ -75,7 +78,8 @@ def plot_training_curves(log_history: Sequence[dict[str, Any]], path: str | Path
 def plot_confusion_matrix(matrix: pd.DataFrame | np.ndarray, names: Sequence[str], path: str | Path | None = None) -> Figure:
     """Heat map of a confusion matrix (rows: true label, columns: predicted label)."""
     values = np.asarray(matrix)
-    fig, ax = plt.subplots(figsize=(4.5, 4))
+    fig = Figure(figsize=(4.5, 4))
+    ax = fig.subplots()
     ax.imshow(values, cmap="Blues")
     ax.set_xticks(range(len(names)), names, rotation=30)
     ax.set_yticks(range(len(names)), names)

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
 import torch
 from transformers import DataCollatorWithPadding, set_seed
 
@@ -30,7 +29,6 @@ from helpers.training import WeightedLossTrainer, compute_metrics, peak_memory_m
 
 def _save(fig: Any, path: Path) -> None:
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def run(config: CourseConfig, output_dir: str | Path, overwrite: bool = False) -> dict[str, Any]:

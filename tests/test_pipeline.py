@@ -120,3 +120,16 @@ def test_cli_errors_are_one_line(default_run, tmp_path):
     (tmp_path / "course_labels.json").write_text(open(default_run["dir"] / "merged" / LABELS_FILE).read())
     with pytest.raises(ModelError, match="neither a merged model"):
         load_for_inference(tmp_path)
+
+
+def test_adapter_with_a_mismatched_label_file_is_refused(default_run, tmp_path):
+    import json
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(default_run["dir"] / "adapter", adapter)
+    meta = json.loads((adapter / LABELS_FILE).read_text())
+    meta["labels"] = meta["labels"][:3]
+    (adapter / LABELS_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="trained for 4 labels but its label file lists 3"):
+        load_adapter(adapter)
