@@ -94,6 +94,7 @@ def run(config: CourseConfig, output_dir: str | Path, overwrite: bool = False) -
     save_adapter(model, tokenizer, config, out / "adapter")
     del trainer, model
     _, _, merge_difference = merge_and_save(out / "adapter", out / "merged", check_texts=test["text"].tolist()[:64])
+    # reload the saved folder, as predict will, rather than reuse the in-memory model
     merged_model, merged_tokenizer, _ = load_for_inference(out / "merged", dtype=merge_dtype())
     merged_metrics = evaluate_classifier(merged_model, merged_tokenizer, test, config.eval_batch_size, config.max_length)
 
