@@ -100,8 +100,8 @@ def device() -> torch.device:
 def compute_dtype() -> torch.dtype:
     """bf16 on GPUs that support it (A100, H100), fp16 on older ones (T4, P100), fp32 on the CPU.
 
-    On the CPU, bitsandbytes accepts bf16 compute but it measured ~20x slower than fp32 here
-    (25 s vs 1.3 s per step, SmolLM2, batch 8), so the CPU computes in fp32.
+    On the CPU, bitsandbytes accepts bf16 compute, but training with it is much slower than with fp32,
+    so the CPU computes in fp32.
     """
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
