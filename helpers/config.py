@@ -65,6 +65,7 @@ class CourseConfig:
     # --- bookkeeping ---
     seed: int = 42
     logging_steps: int = 5
+    save_steps: int = 25  # a checkpoint every N optimizer steps, for `--resume` after a crash or disconnect
 
     @property
     def num_labels(self) -> int:
@@ -105,6 +106,7 @@ PROFILES: dict[str, CourseConfig] = {
         eval_batch_size=64,
         gradient_checkpointing=True,
         logging_steps=25,
+        save_steps=200,
     ),
 }
 

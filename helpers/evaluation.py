@@ -29,10 +29,18 @@ def predict_logits(
     """Logits (n, num_labels) in the input order.
 
     Texts are sorted by length so each batch pads little; runs under ``torch.inference_mode``.
-    Texts longer than ``max_length`` tokens are truncated, with one warning.
+    Texts longer than ``max_length`` tokens are truncated, with one warning; empty texts get a prediction
+    from the end-of-text token alone, with a warning.
     """
     texts = [str(t) for t in texts]
     encoded = tokenizer(texts, truncation=False)["input_ids"]
+    empty = [i for i, ids in enumerate(encoded) if not ids]
+    if empty:
+        warnings.warn(f"{len(empty)} text(s) are empty (row indices {empty[:5]}); their predictions are from the "
+                      "end-of-text token alone and carry no information.", stacklevel=2)
+        for i in empty:
+            texts[i] = tokenizer.eos_token
+            encoded[i] = [tokenizer.eos_token_id]
     too_long = sum(len(ids) > max_length for ids in encoded)
     if too_long:
         warnings.warn(f"{too_long} text(s) exceed max_length={max_length} tokens and were truncated.", stacklevel=2)

@@ -6,6 +6,7 @@ Taught in notebook 06 (training); used by ``helpers.train``.
 from __future__ import annotations
 
 import resource
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,10 @@ def training_arguments(config: CourseConfig, output_dir: str | Path, **overrides
         # batches of similar length waste little compute on padding (transformers 5 name of group_by_length)
         "train_sampling_strategy": "group_by_length",
         "eval_strategy": "epoch",
-        "save_strategy": "no",
+        # checkpoints (adapter, head, optimizer, RNG state) so an interrupted run can resume; the last two kept
+        "save_strategy": "steps",
+        "save_steps": config.save_steps,
+        "save_total_limit": 2,
         "logging_steps": config.logging_steps,
         "logging_first_step": True,
         "seed": config.seed,
@@ -92,6 +96,48 @@ def training_arguments(config: CourseConfig, output_dir: str | Path, **overrides
     }
     values.update(overrides)
     return TrainingArguments(**values)
+
+
+class RunFolderError(RuntimeError):
+    """A run folder that cannot be used as asked; the message names the fix (--resume, --overwrite, a new folder)."""
+
+
+def last_checkpoint(folder: str | Path) -> Path | None:
+    """The newest *complete* ``checkpoint-N`` in ``folder`` (or None).
+
+    The Trainer writes ``trainer_state.json`` last, so a checkpoint without it was cut off mid-save (a killed
+    process) and is skipped with a warning; resuming from it would fail. Taught in notebook 06.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = sorted(
+        (int(path.name.split("-")[1]), path)
+        for path in folder.glob("checkpoint-*")
+        if path.is_dir() and path.name.split("-")[1].isdigit()
+    )
+    for _, path in reversed(found):
+        if (path / "trainer_state.json").is_file():
+            return path
+        warnings.warn(f"{path} is incomplete (the process stopped while saving it); using an earlier checkpoint.",
+                      stacklevel=2)
+    return None
+
+
+def mean_training_loss(log_history: list[dict[str, Any]]) -> float:
+    """Mean training loss over all steps, from the Trainer's log (which a resumed run restores in full).
+
+    Each logged ``loss`` averages the steps since the previous log. ``train()``'s own ``training_loss``
+    counts only the steps of the current process, so it differs after ``--resume``.
+    """
+    total, previous = 0.0, 0
+    for row in log_history:
+        if "loss" in row and "step" in row:
+            total += row["loss"] * (row["step"] - previous)
+            previous = row["step"]
+    if previous == 0:
+        raise ValueError("The log holds no training loss: was the model trained?")
+    return total / previous
 
 
 def peak_memory_mb() -> float:

@@ -133,3 +133,22 @@ def test_adapter_with_a_mismatched_label_file_is_refused(default_run, tmp_path):
     (adapter / LABELS_FILE).write_text(json.dumps(meta))
     with pytest.raises(ModelError, match="trained for 4 labels but its label file lists 3"):
         load_adapter(adapter)
+
+
+def test_predict_survives_empty_and_overlong_text(default_run, tmp_path):
+    overlong = " ".join(["markets"] * 300)
+    (tmp_path / "in.csv").write_text(f'text\n""\n{overlong}\nThe striker scored twice in the final.\n')
+    result = _cli("helpers.predict", "--model", default_run["dir"] / "merged", "--input", tmp_path / "in.csv",
+                  "--output", tmp_path / "out.csv")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 text(s) are empty" in result.stderr and "1 text(s) exceed max_length=96" in result.stderr
+    out = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
+    assert len(out) == 3 and out["text"].iloc[0] == "" and out["predicted_label"].iloc[2] == "Sports"
+
+
+def test_failed_predict_leaves_no_output(default_run, tmp_path):
+    (tmp_path / "in.csv").write_text("text,label\nOil prices rose.,7\n")
+    result = _cli("helpers.predict", "--model", default_run["dir"] / "merged", "--input", tmp_path / "in.csv",
+                  "--output", tmp_path / "out.csv")
+    assert result.returncode == 2 and "outside the label set" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out.csv").exists()
