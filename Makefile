@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test notebooks clean
+.PHONY: setup run test bench notebooks clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ run: setup
 # the unit and pipeline tests, then every notebook executed and compared by nbval
 test: setup
 	COURSE_PROFILE=smollm2-cpu $(PY) -m pytest tests notebooks --nbval --nbval-current-env $(PYTEST_ARGS)
+
+# the common recipe against the course's, in one process (runs/bench-<profile>/bench.json and bench.md)
+bench: setup
+	$(PY) -m helpers.bench $(ARGS)
 
 # re-execute the notebooks in place (commit their outputs after changing one)
 notebooks: setup

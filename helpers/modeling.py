@@ -97,15 +97,35 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def gpu_has_fast_bf16() -> bool:
+    """True on Ampere and newer GPUs (compute capability 8.0+: A100, H100, L4, RTX 30xx and later).
+
+    Not ``torch.cuda.is_bf16_supported()``: it also answers True on a T4, where bf16 is emulated and slow.
+    """
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+
+
+def precision_choice() -> tuple[torch.dtype, str]:
+    """The compute dtype for this machine and the reason, as notebook 00 prints it."""
+    if not torch.cuda.is_available():
+        return torch.float32, ("CPU: fp32, because bitsandbytes' 4-bit layers train much more slowly with bf16 "
+                               "compute on a CPU")
+    name = torch.cuda.get_device_name()
+    major, minor = torch.cuda.get_device_capability()
+    if major >= 8:
+        return torch.bfloat16, (f"{name} (compute capability {major}.{minor}): bf16, native on Ampere and newer; "
+                                "fp32's range, so no loss scaling")
+    return torch.float16, (f"{name} (compute capability {major}.{minor}): fp16, because bf16 is only emulated "
+                           "before Ampere (T4, P100, V100); the Trainer scales the loss to avoid underflow")
+
+
 def compute_dtype() -> torch.dtype:
-    """bf16 on GPUs that support it (A100, H100), fp16 on older ones (T4, P100), fp32 on the CPU.
+    """bf16 on Ampere and newer GPUs (A100, H100), fp16 on older ones (T4, P100), fp32 on the CPU.
 
     On the CPU, bitsandbytes accepts bf16 compute, but training with it is much slower than with fp32,
     so the CPU computes in fp32.
     """
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    return precision_choice()[0]
 
 
 def serving_dtype() -> torch.dtype:
@@ -187,7 +207,14 @@ def load_classifier(
         check_4bit_supported()
         kwargs["quantization_config"] = quantization_config or bnb_config()
     if torch.cuda.is_available():
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        # one GPU per process: under `accelerate launch`, the process's own GPU
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
+        if prepare_for_training:
+            from transformers import AutoConfig
+
+            from helpers.memory import warn_if_too_big
+
+            warn_if_too_big(config.replace(load_in_4bit=four_bit), _from_pretrained(AutoConfig, path))  # before loading
     torch.manual_seed(config.seed)  # the new score head is initialised from this seed
     model = _from_pretrained(AutoModelForSequenceClassification, path, **kwargs)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -196,7 +223,9 @@ def load_classifier(
     if four_bit and prepare_for_training:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+        # non-reentrant checkpointing: the variant PyTorch recommends, and the one that works with DDP
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
 
 

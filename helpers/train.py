@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -79,6 +80,8 @@ def run(config: CourseConfig, output_dir: str | Path, overwrite: bool = False, r
     """
     out = Path(output_dir)
     checkpoint = check_run_folder(out, overwrite, resume)
+    # under `accelerate launch` every process trains; only the main one evaluates and writes files
+    main_process = int(os.environ.get("RANK", "0")) == 0
     set_seed(config.seed)
     print(f"profile {config.profile} | model {config.model_name} | device {device()} | compute dtype {compute_dtype()}")
 
@@ -88,15 +91,19 @@ def run(config: CourseConfig, output_dir: str | Path, overwrite: bool = False, r
     print({name: len(df) for name, df in splits.items()})
     model, tokenizer = load_classifier(config)
 
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
-    atomic_write_text(out / "test.csv", test[["text", "label"]].to_csv(index=False))  # so predict can rerun it
-    _save(plot_class_distribution(splits, config.labels), out / "class_distribution.png")
-    _save(plot_token_lengths(token_lengths(splits["train"]["text"], tokenizer), config.max_length), out / "token_lengths.png")
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
+        atomic_write_text(out / "test.csv", test[["text", "label"]].to_csv(index=False))  # so predict can rerun it
+        _save(plot_class_distribution(splits, config.labels), out / "class_distribution.png")
+        _save(plot_token_lengths(token_lengths(splits["train"]["text"], tokenizer), config.max_length),
+              out / "token_lengths.png")
 
     # baseline (random score head: expect about chance); kept on disk so a resumed run need not repeat it
     baseline_file = out / "baseline.json"
-    if checkpoint is not None and baseline_file.is_file():
+    if not main_process:
+        baseline = {}
+    elif checkpoint is not None and baseline_file.is_file():
         baseline = json.loads(baseline_file.read_text())
     else:
         print("baseline evaluation on the test split")
@@ -128,6 +135,9 @@ def run(config: CourseConfig, output_dir: str | Path, overwrite: bool = False, r
     steps_here = trainer.state.global_step - (int(checkpoint.name.split("-")[1]) if checkpoint else 0)
     samples_here = min(steps_here * trainer.args.train_batch_size * config.gradient_accumulation_steps
                        * trainer.args.world_size, len(splits["train"]) * config.epochs)
+    trainer_processes = trainer.args.world_size
+    if not main_process:
+        return {}
     _save(plot_training_curves(trainer.state.log_history), out / "training_curves.png")
 
     print("final evaluation on the test split")
@@ -153,6 +163,7 @@ def run(config: CourseConfig, output_dir: str | Path, overwrite: bool = False, r
     metrics = {
         "profile": config.profile,
         "hardware": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)",
+        "processes": trainer_processes,
         "test_rows": len(test),
         "baseline": baseline,
         "final": final,

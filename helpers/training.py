@@ -5,6 +5,7 @@ Taught in notebook 06 (training); used by ``helpers.train``.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import warnings
 from pathlib import Path
@@ -16,6 +17,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 from transformers import Trainer, TrainingArguments
 
 from helpers.config import CourseConfig
+from helpers.modeling import gpu_has_fast_bf16
 
 
 class WeightedLossTrainer(Trainer):
@@ -63,7 +65,7 @@ def mixed_precision() -> dict[str, bool]:
     """Trainer precision flags: bf16 where the GPU supports it, fp16 on older GPUs, neither on the CPU."""
     if not torch.cuda.is_available():
         return {"bf16": False, "fp16": False}
-    bf16 = torch.cuda.is_bf16_supported()
+    bf16 = gpu_has_fast_bf16()
     return {"bf16": bf16, "fp16": not bf16}
 
 
@@ -92,6 +94,8 @@ def training_arguments(config: CourseConfig, output_dir: str | Path, **overrides
         "data_seed": config.seed,
         "report_to": "none",
         "dataloader_num_workers": 0,
+        "ddp_find_unused_parameters": False,
+        "use_cpu": not torch.cuda.is_available(),  # several CPU processes then train with DDP over gloo  # under `accelerate launch`: every LoRA weight gets a gradient
         **mixed_precision(),
     }
     values.update(overrides)
@@ -140,8 +144,22 @@ def mean_training_loss(log_history: list[dict[str, Any]]) -> float:
     return total / previous
 
 
+def reset_peak_memory() -> None:
+    """Start a new peak: torch's counter on a GPU, the kernel's peak RSS (VmHWM) on Linux CPUs."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")  # "5" resets the peak resident set size
+
+
 def peak_memory_mb() -> float:
-    """Peak memory so far: GPU memory allocated by torch on a GPU, the process's peak RSS on the CPU."""
+    """Peak memory since the start or ``reset_peak_memory()``: GPU memory allocated by torch on a GPU, the
+    process's peak RSS on the CPU."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
