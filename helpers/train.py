@@ -56,10 +56,7 @@ def check_run_folder(out: Path, overwrite: bool = False, resume: bool = False) -
                                  "Run without --resume to start training.")
         return checkpoint
     if overwrite:
-        (out / "metrics.json").unlink(missing_ok=True)  # the folder no longer claims to be a finished run
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        (out / "baseline.json").unlink(missing_ok=True)
-        return None
+        return None  # the old run is cleared by run(), only once the new data and model have loaded
     if finished:
         raise FileExistsError(
             f"{out} already holds a finished run (metrics.json). Pass --overwrite to replace it, "
@@ -92,6 +89,10 @@ def run(config: CourseConfig, output_dir: str | Path, overwrite: bool = False, r
     model, tokenizer = load_classifier(config)
 
     if main_process:
+        if overwrite:  # the folder no longer claims to be a finished or interrupted run
+            (out / "metrics.json").unlink(missing_ok=True)
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            (out / "baseline.json").unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
         atomic_write_text(out / "test.csv", test[["text", "label"]].to_csv(index=False))  # so predict can rerun it

@@ -103,3 +103,13 @@ def test_mean_training_loss_weights_each_log_by_its_steps():
 
 def test_profile_settings_include_a_checkpoint_interval():
     assert load_config("smollm2-cpu").save_steps > 0 and load_config("llama3-8b").save_steps > 0
+
+
+def test_failed_overwrite_keeps_the_finished_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text('{"final": {"accuracy": 0.87}}')
+    (tmp_path / "big.yaml").write_text("train_per_class: 1600\n")
+    result = _train("--config", tmp_path / "big.yaml", "--output-dir", run, "--overwrite")
+    _one_line_error(result, "Lower the per-class counts")
+    assert json.loads((run / "metrics.json").read_text())["final"]["accuracy"] == 0.87
