@@ -1,6 +1,7 @@
 """Save the adapter with its labels, reload it into a fresh base, merge into a 16-bit base, and check.
 
-Taught in notebook 07 (evaluation and merging); used by ``helpers.train`` and ``helpers.predict``.
+Taught in notebook 07 (evaluation and merging) and, for an instruction-tuned model, notebook 08; used by
+``helpers.train`` and ``helpers.predict``.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from helpers.config import CourseConfig
 from helpers.evaluation import predict_logits
 from helpers.io import atomic_directory, atomic_write_json
-from helpers.modeling import ModelError, compute_dtype, is_4bit, load_classifier, serving_dtype
+from helpers.modeling import ModelError, compute_dtype, is_4bit, load_for_task, serving_dtype
 
 LABELS_FILE = "course_labels.json"
 
@@ -31,6 +33,10 @@ def _write_labels(folder: Path, config: CourseConfig) -> None:
             "label2id": config.label2id,
             "max_length": config.max_length,
             "trained_in_4bit": config.load_in_4bit,
+            # instruct: the model answers with a label's name, prompted as it was trained (notebook 08)
+            "task": config.task,
+            "prompt_style": config.prompt_style,
+            "max_new_tokens": config.max_new_tokens,
         },
     )
 
@@ -59,8 +65,14 @@ def save_adapter(model: Any, tokenizer: Any, config: CourseConfig, folder: str |
 def _config_from_labels(meta: dict[str, Any]) -> CourseConfig:
     return CourseConfig(
         model_name=meta["base_model"], labels=list(meta["labels"]), max_length=meta["max_length"],
-        load_in_4bit=meta.get("trained_in_4bit", True),
+        load_in_4bit=meta.get("trained_in_4bit", True), task=meta.get("task", "classify"),
+        prompt_style=meta.get("prompt_style", "alpaca"), max_new_tokens=meta.get("max_new_tokens", 8),
     )
+
+
+def saved_config(folder: str | Path) -> CourseConfig:
+    """The labels, task and prompt settings saved beside an adapter or merged model, as a config."""
+    return _config_from_labels(read_labels(folder))
 
 
 def load_adapter(folder: str | Path, load_in_4bit: bool = False, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
@@ -82,11 +94,11 @@ def load_adapter(folder: str | Path, load_in_4bit: bool = False, dtype: torch.dt
             "Use the course_labels.json saved with that adapter."
         )
     if load_in_4bit or config.load_in_4bit:
-        base, tokenizer = load_classifier(config, load_in_4bit=True, prepare_for_training=False)
+        base, tokenizer = load_for_task(config, load_in_4bit=True, prepare_for_training=False)
         if not load_in_4bit:
             base = base.dequantize(dtype=dtype or merge_dtype())
     else:
-        base, tokenizer = load_classifier(config, load_in_4bit=False, dtype=dtype, prepare_for_training=False)
+        base, tokenizer = load_for_task(config, load_in_4bit=False, dtype=dtype, prepare_for_training=False)
     model = PeftModel.from_pretrained(base, folder)
     if not load_in_4bit:
         model = model.to(dtype or merge_dtype())  # peft keeps adapter weights in fp32; match a 16-bit base
@@ -128,22 +140,33 @@ def merge_and_save(
 ) -> tuple[Any, Any, float | None]:
     """Reload the adapter into a 16-bit (CPU: fp32) base, merge, and save model + tokenizer + labels.
 
-    With ``check_texts``, also returns the largest absolute logit difference between the adapter
-    model and the merged model on them (same base precision, so it should be ~1e-5).
+    With ``check_texts``, also returns the largest absolute difference between the adapter model's and the
+    merged model's outputs on them (same base precision, so it should be ~1e-5): logits for a classifier,
+    label log-likelihoods for an instruction-tuned model.
     Returns (merged_model, tokenizer, max_difference or None).
     """
     model, tokenizer = load_adapter(adapter_folder, load_in_4bit=False, dtype=merge_dtype())
-    meta = read_labels(adapter_folder)
+    config = saved_config(adapter_folder)
     before = None
     if check_texts is not None:
-        before = predict_logits(model, tokenizer, check_texts, max_length=meta["max_length"], progress=False)
+        before = model_outputs(model, tokenizer, check_texts, config)
     merged = merge(model)
     difference = None
     if before is not None:
-        after = predict_logits(merged, tokenizer, check_texts, max_length=meta["max_length"], progress=False)
-        difference = float(np.abs(after - before).max())
+        difference = float(np.abs(model_outputs(merged, tokenizer, check_texts, config) - before).max())
     save_merged(merged, tokenizer, adapter_folder, merged_folder)
     return merged, tokenizer, difference
+
+
+def model_outputs(model: Any, tokenizer: Any, texts: Sequence[str], config: CourseConfig, batch_size: int = 32) -> np.ndarray:
+    """What a model decides from: class logits (classify) or label log-likelihoods (instruct), shape (n, labels)."""
+    if config.task == "instruct":
+        from helpers.instruct import label_log_likelihoods, prompts, to_alpaca
+
+        records = to_alpaca(pd.DataFrame({"text": list(texts), "label": 0}), config.labels, tokenizer, config.max_length)
+        return label_log_likelihoods(model, tokenizer, prompts(records, config.prompt_style, tokenizer), config.labels,
+                                     batch_size, config.prompt_style)
+    return predict_logits(model, tokenizer, texts, batch_size, config.max_length, progress=False)
 
 
 def save_merged(merged: Any, tokenizer: Any, adapter_folder: str | Path, merged_folder: str | Path) -> Path:
@@ -169,7 +192,7 @@ def load_for_inference(folder: str | Path, dtype: torch.dtype | None = None) -> 
     ``dtype`` defaults to ``serving_dtype()`` (bf16 on CPUs with native bf16, else fp32; GPUs: bf16/fp16);
     pass ``torch.float32`` to check a merge exactly.
     """
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from helpers.modeling import load_tokenizer
 
@@ -183,7 +206,8 @@ def load_for_inference(folder: str | Path, dtype: torch.dtype | None = None) -> 
         model, tokenizer = load_adapter(folder, load_in_4bit=False, dtype=dtype)
     elif (folder / "config.json").is_file():
         tokenizer = load_tokenizer(str(folder))
-        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype)
+        auto_class = AutoModelForCausalLM if meta.get("task") == "instruct" else AutoModelForSequenceClassification
+        model = auto_class.from_pretrained(folder, dtype=dtype)
         model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     else:
         raise ModelError(

@@ -194,15 +194,46 @@ def load_classifier(
     """
     from transformers import AutoModelForSequenceClassification
 
+    head = {"num_labels": config.num_labels, "id2label": config.id2label, "label2id": config.label2id}
+    return _load(AutoModelForSequenceClassification, config, name, load_in_4bit, dtype, prepare_for_training,
+                 quantization_config, head)
+
+
+def load_causal_lm(
+    config: CourseConfig,
+    name: str | None = None,
+    load_in_4bit: bool | None = None,
+    dtype: torch.dtype | None = None,
+    prepare_for_training: bool = True,
+) -> tuple[Any, Any]:
+    """``AutoModelForCausalLM`` (the model's own language-model head), loaded as ``load_classifier`` loads its model.
+
+    For instruction tuning (notebook 08): the model answers with the label's name.
+    """
+    from transformers import AutoModelForCausalLM
+
+    return _load(AutoModelForCausalLM, config, name, load_in_4bit, dtype, prepare_for_training, None, {})
+
+
+def load_for_task(config: CourseConfig, **kwargs: Any) -> tuple[Any, Any]:
+    """``load_causal_lm`` for ``task: instruct``, else ``load_classifier``."""
+    return (load_causal_lm if config.task == "instruct" else load_classifier)(config, **kwargs)
+
+
+def _load(
+    auto_class: Any,
+    config: CourseConfig,
+    name: str | None,
+    load_in_4bit: bool | None,
+    dtype: torch.dtype | None,
+    prepare_for_training: bool,
+    quantization_config: Any | None,
+    extra: dict[str, Any],
+) -> tuple[Any, Any]:
     path = resolve_model(name or config.model_name)
     tokenizer = load_tokenizer(path)
     four_bit = config.load_in_4bit if load_in_4bit is None else load_in_4bit
-    kwargs: dict[str, Any] = {
-        "num_labels": config.num_labels,
-        "id2label": config.id2label,
-        "label2id": config.label2id,
-        "dtype": dtype or (compute_dtype() if torch.cuda.is_available() else torch.float32),
-    }
+    kwargs: dict[str, Any] = {**extra, "dtype": dtype or (compute_dtype() if torch.cuda.is_available() else torch.float32)}
     if four_bit:
         check_4bit_supported()
         kwargs["quantization_config"] = quantization_config or bnb_config()
@@ -215,8 +246,8 @@ def load_classifier(
             from helpers.memory import warn_if_too_big
 
             warn_if_too_big(config.replace(load_in_4bit=four_bit), _from_pretrained(AutoConfig, path))  # before loading
-    torch.manual_seed(config.seed)  # the new score head is initialised from this seed
-    model = _from_pretrained(AutoModelForSequenceClassification, path, **kwargs)
+    torch.manual_seed(config.seed)  # a new score head is initialised from this seed
+    model = _from_pretrained(auto_class, path, **kwargs)
     model.config.pad_token_id = tokenizer.pad_token_id
     if four_bit:
         keep_4bit_layers_trainable(model)
@@ -246,11 +277,14 @@ def keep_4bit_layers_trainable(model: Any) -> int:
 
 
 def lora_config(config: CourseConfig) -> Any:
-    """LoRA on ``config.lora_target_modules``; task type SEQ_CLS so the ``score`` head is trained and saved too."""
+    """LoRA on ``config.lora_target_modules``; task type SEQ_CLS so the ``score`` head is trained and saved too.
+
+    For ``task: instruct`` the task type is CAUSAL_LM: only the LoRA weights train, the LM head stays as it is.
+    """
     from peft import LoraConfig, TaskType
 
     return LoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=TaskType.CAUSAL_LM if config.task == "instruct" else TaskType.SEQ_CLS,
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,

@@ -1,6 +1,6 @@
 """The first lines of every notebook: resolve the config, seed, quiet the libraries, name the output folder.
 
-Taught in notebook 00 (setup); called at the top of notebooks 01-07.
+Taught in notebook 00 (setup); called at the top of notebooks 01-08.
 """
 
 from __future__ import annotations

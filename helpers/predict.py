@@ -2,7 +2,9 @@
 
     python -m helpers.predict --model DIR --input FILE [--output FILE.csv]
 
-DIR is a run's ``merged/`` folder (fastest) or its ``adapter/`` folder. FILE is a CSV in the original
+DIR is a run's ``merged/`` folder (fastest) or its ``adapter/`` folder, of a classification head or of an
+instruction-tuned model (``--task instruct``; it is scored by each label's log-likelihood, so every row gets a
+valid label). FILE is a CSV in the original
 AG News layout (no header; class index 1-4, title, description) or with a header and a ``text`` column
 (optionally ``label``). Writes one row per input with ``predicted_label`` and a probability per class,
 and prints the accuracy when labels are present. Taught in notebook 07.
@@ -19,9 +21,9 @@ import pandas as pd
 import torch
 
 from helpers.data import DataError, read_text_csv
-from helpers.evaluation import predict_logits, softmax
+from helpers.evaluation import softmax
 from helpers.io import atomic_write_text
-from helpers.merging import load_for_inference, read_labels
+from helpers.merging import load_for_inference, model_outputs, read_labels, saved_config
 from helpers.modeling import ModelError
 from helpers.training import classification_metrics
 
@@ -39,7 +41,9 @@ def predict_file(
     model, tokenizer, id2label = load_for_inference(model_dir, None if dtype == "auto" else getattr(torch, dtype))
     print(f"predicting {len(df)} rows in {str(next(model.parameters()).dtype).removeprefix('torch.')}")
     start = time.perf_counter()
-    probabilities = softmax(predict_logits(model, tokenizer, df["text"].tolist(), batch_size, meta["max_length"]))
+    # class logits, or label log-likelihoods for an instruction-tuned model: softmax gives probabilities over labels
+    outputs = model_outputs(model, tokenizer, df["text"].tolist(), saved_config(model_dir), batch_size)
+    probabilities = softmax(outputs)
     seconds = time.perf_counter() - start
     out = df.copy()
     if "label" in out.columns:

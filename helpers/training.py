@@ -50,7 +50,8 @@ def classification_metrics(labels: np.ndarray, predictions: np.ndarray) -> dict[
     return {
         "accuracy": float(accuracy_score(labels, predictions)),
         "balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),
-        "macro_f1": float(f1_score(labels, predictions, average="macro")),
+        # over the true classes only: a generative answer naming no label (-1) is an error, not a fifth class
+        "macro_f1": float(f1_score(labels, predictions, labels=np.unique(labels), average="macro", zero_division=0)),
     }
 
 
