@@ -17,6 +17,8 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +96,7 @@ def _hardware() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
 
 
-def _baseline(out: Path, checkpoint: Path | None, main_process: bool, evaluate: Any) -> dict[str, Any]:
+def _baseline(out: Path, checkpoint: Path | None, main_process: bool, evaluate: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """The untrained model's metrics, kept in baseline.json so that a resumed run need not repeat them."""
     baseline_file = out / "baseline.json"
     if not main_process:
@@ -106,6 +108,17 @@ def _baseline(out: Path, checkpoint: Path | None, main_process: bool, evaluate: 
         atomic_write_json(baseline_file, baseline)
     print("baseline", baseline)
     return baseline
+
+
+def _head_baseline(model: Any, tokenizer: Any, test: Any, config: CourseConfig) -> dict[str, Any]:
+    print("baseline evaluation on the test split")
+    return evaluate_classifier(model, tokenizer, test, config.eval_batch_size, config.max_length)["metrics"]
+
+
+def _generative_baseline(tokenizer: Any, test: Any, config: CourseConfig) -> dict[str, Any]:
+    print(f"baseline (untrained {config.model_name}, {serving_dtype()}) on the test split")
+    untrained, _ = load_causal_lm(config, load_in_4bit=False, dtype=serving_dtype(), prepare_for_training=False)
+    return _generative_summary(evaluate_generative(untrained, tokenizer, test, config))
 
 
 def _add_lora(model: Any, config: CourseConfig) -> tuple[Any, dict[str, float]]:
@@ -157,11 +170,7 @@ def run(config: CourseConfig, output_dir: str | Path, overwrite: bool = False, r
               out / "token_lengths.png")
 
     # baseline (random score head: expect about chance); kept on disk so a resumed run need not repeat it
-    def evaluate_baseline() -> dict[str, Any]:
-        print("baseline evaluation on the test split")
-        return evaluate_classifier(model, tokenizer, test, config.eval_batch_size, config.max_length)["metrics"]
-
-    baseline = _baseline(out, checkpoint, main_process, evaluate_baseline)
+    baseline = _baseline(out, checkpoint, main_process, partial(_head_baseline, model, tokenizer, test, config))
 
     # LoRA training with the class-weighted loss
     model, params = _add_lora(model, config)
@@ -254,12 +263,7 @@ def run_instruct(config: CourseConfig, output_dir: str | Path, overwrite: bool =
         _prepare_folder(out, config, test, overwrite)
 
     # accuracy before training, in the precision the merged model will serve in (bf16 on this CPU), both ways
-    def evaluate_baseline() -> dict[str, Any]:
-        print(f"baseline (untrained {config.model_name}, {serving_dtype()}) on the test split")
-        untrained, _ = load_causal_lm(config, load_in_4bit=False, dtype=serving_dtype(), prepare_for_training=False)
-        return _generative_summary(evaluate_generative(untrained, tokenizer, test, config))
-
-    baseline = _baseline(out, checkpoint, main_process, evaluate_baseline)
+    baseline = _baseline(out, checkpoint, main_process, partial(_generative_baseline, tokenizer, test, config))
     model, params = _add_lora(model, config)
     trainer = ResponseLossTrainer(
         model=model,
