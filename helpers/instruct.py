@@ -103,6 +103,12 @@ def prompts(records: pd.DataFrame, style: str = "alpaca", tokenizer: Any | None 
     return [format_prompt(i, x, style, tokenizer) for i, x in zip(records["instruction"], records["input"])]
 
 
+def article_prompts(texts: Sequence[str], config: CourseConfig, tokenizer: Any) -> list[str]:
+    """The prompts a trained model classifies: each article, cut to ``max_length`` tokens, in the config's style."""
+    records = to_alpaca(pd.DataFrame({"text": list(texts), "label": 0}), config.labels, tokenizer, config.max_length)
+    return prompts(records, config.prompt_style, tokenizer)
+
+
 def _prompt_ids(tokenizer: Any, prompt: str, style: str) -> list[int]:
     # the chat template already holds the special tokens it needs; the Alpaca prompt gets the tokenizer's BOS
     return tokenizer(prompt, add_special_tokens=style != "chat")["input_ids"]
@@ -263,8 +269,7 @@ def evaluate_generative(
     from helpers.training import classification_metrics
 
     batch_size = batch_size or config.eval_batch_size
-    records = to_alpaca(df, config.labels, tokenizer, config.max_length)
-    texts = prompts(records, config.prompt_style, tokenizer)
+    texts = article_prompts(df["text"].tolist(), config, tokenizer)
     labels = df["label"].to_numpy()
     start = time.perf_counter()
     scores, answers = classify_prompts(model, tokenizer, texts, config.labels, config.max_new_tokens if parse else 0,

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from helpers.config import CourseConfig
@@ -161,10 +160,9 @@ def merge_and_save(
 def model_outputs(model: Any, tokenizer: Any, texts: Sequence[str], config: CourseConfig, batch_size: int = 32) -> np.ndarray:
     """What a model decides from: class logits (classify) or label log-likelihoods (instruct), shape (n, labels)."""
     if config.task == "instruct":
-        from helpers.instruct import label_log_likelihoods, prompts, to_alpaca
+        from helpers.instruct import article_prompts, label_log_likelihoods
 
-        records = to_alpaca(pd.DataFrame({"text": list(texts), "label": 0}), config.labels, tokenizer, config.max_length)
-        return label_log_likelihoods(model, tokenizer, prompts(records, config.prompt_style, tokenizer), config.labels,
+        return label_log_likelihoods(model, tokenizer, article_prompts(texts, config, tokenizer), config.labels,
                                      batch_size, config.prompt_style)
     return predict_logits(model, tokenizer, texts, batch_size, config.max_length, progress=False)
 

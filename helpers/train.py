@@ -33,7 +33,8 @@ from helpers.merging import (
     load_adapter, load_for_inference, merge, merge_and_save, merge_dtype, save_adapter, save_merged,
 )
 from helpers.instruct import (
-    IGNORE_INDEX, ResponseLossTrainer, classify_prompts, evaluate_generative, instruct_dataset, instruct_records, prompts, to_alpaca,
+    IGNORE_INDEX, ResponseLossTrainer, article_prompts, classify_prompts, evaluate_generative, instruct_dataset,
+    instruct_records,
 )
 from helpers.modeling import (
     ModelError, add_lora, compute_dtype, device, load_causal_lm, load_classifier, serving_dtype, trainable_parameters,
@@ -282,7 +283,7 @@ def run_instruct(config: CourseConfig, output_dir: str | Path, overwrite: bool =
     save_adapter(model, tokenizer, config, out / "adapter")
     del trainer, model
     check = test.iloc[:MERGE_CHECK_ROWS]
-    check_prompts = prompts(to_alpaca(check, config.labels, tokenizer, config.max_length), config.prompt_style, tokenizer)
+    check_prompts = article_prompts(check["text"].tolist(), config, tokenizer)
     adapter_model, tokenizer = load_adapter(out / "adapter", load_in_4bit=False, dtype=merge_dtype())
     scores_before, answers_before = classify_prompts(adapter_model, tokenizer, check_prompts, config.labels,
                                                      config.max_new_tokens, config.eval_batch_size, config.prompt_style)
