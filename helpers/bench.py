@@ -6,13 +6,15 @@ Trains and evaluates both recipes in ONE process and prints a table, also writte
 ``runs/bench-<profile>``) as ``bench.json`` (with ``ratios``, course over common) and ``bench.md``.
 
 * **common**: what most tutorials do: LoRA r=16, alpha 8 on q/k/v/o, dropout 0.05, lr 1e-4, batch 8, max
-  length 512, random batch order, gradient checkpointing (``prepare_model_for_kbit_training``'s default);
-  inference with the 4-bit adapter model in unsorted batches of 32.
+  length 512, random batch order, gradient checkpointing (``prepare_model_for_kbit_training``'s default),
+  transformers' default attention (SDPA); inference with the 4-bit adapter model in unsorted batches of 32.
 * **course**: the profile's defaults as taught in notebooks 04-07: length-grouped batches, truncation fitted to
-  the data, no gradient checkpointing where memory allows, LoRA on all linear layers; inference with the merged
+  the data, no gradient checkpointing where memory allows, LoRA on all linear layers, the attention kernel
+  measured fastest for the device (``attention_implementation``); inference with the merged
   model in the serving precision, sorted by length, under ``inference_mode``.
 
-Both use the same class-weighted Trainer, seed, split and test rows; only the recipe differs.
+Both use the same class-weighted Trainer, seed, split and test rows, and the machine's precision
+(``mixed_precision``: bf16 autocast on GPUs and CPUs with native bf16); only the recipe differs.
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ from helpers.data import DataError, class_weights, course_splits, tokenize
 from helpers.evaluation import predict_logits
 from helpers.io import atomic_write_json, atomic_write_text
 from helpers.merging import load_for_inference, merge_and_save, save_adapter
-from helpers.modeling import ModelError, add_lora, device, load_classifier, trainable_parameters
+from helpers.modeling import (
+    ModelError, add_lora, attention_implementation, device, load_classifier, trainable_parameters,
+)
 from helpers.training import (
-    WeightedLossTrainer, classification_metrics, peak_memory_mb, reset_peak_memory, training_arguments,
+    WeightedLossTrainer, classification_metrics, mixed_precision, peak_memory_mb, reset_peak_memory, training_arguments,
 )
 
 # sample sizes that finish within 10 minutes: 2 CPU cores for the offline profile, one GPU for Llama 3 8B
@@ -45,6 +49,7 @@ DEFAULT_SIZES = {"smollm2-cpu": (64, 50), "llama3-8b": (500, 250)}
 COMMON_RECIPE = {
     "lora_r": 16, "lora_alpha": 8, "lora_dropout": 0.05, "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "learning_rate": 1e-4, "batch_size": 8, "max_length": 512, "gradient_checkpointing": True,
+    "attn_implementation": "sdpa",  # transformers' default
 }
 COMMON_INFERENCE_BATCH = 32
 WARMUP_ROWS = 8
@@ -121,7 +126,12 @@ def common_predict(model: Any, tokenizer: Any, texts: list[str], max_length: int
     return np.concatenate(chunks)
 
 
-def _inference(name: str, logits_fn: Any, test: pd.DataFrame) -> dict[str, Any]:
+def real_tokens(tokenizer: Any, texts: list[str], max_length: int) -> int:
+    """Tokens a model reads for ``texts`` after truncation, padding not counted."""
+    return sum(min(len(ids), max_length) for ids in tokenizer(texts)["input_ids"])
+
+
+def _inference(name: str, logits_fn: Any, test: pd.DataFrame, tokens: int) -> dict[str, Any]:
     # one untimed batch first, for both recipes: one-time kernel setup is not throughput
     logits_fn(test["text"].tolist()[:WARMUP_ROWS])
     reset_peak_memory()
@@ -132,6 +142,7 @@ def _inference(name: str, logits_fn: Any, test: pd.DataFrame) -> dict[str, Any]:
     print(f"{name}: inference {len(test) / seconds:.2f} samples/s, accuracy {metrics['accuracy']:.3f}")
     return {
         "inference_samples_per_second": round(len(test) / seconds, 3),
+        "inference_tokens_per_second": round(tokens / seconds, 1),
         "inference_peak_memory_mb": round(peak_memory_mb(), 1),
         "accuracy": round(metrics["accuracy"], 4),
         "macro_f1": round(metrics["macro_f1"], 4),
@@ -142,7 +153,7 @@ def run_common(config: CourseConfig, splits: dict[str, pd.DataFrame], workdir: P
     common = common_config(config)
     model, tokenizer, result = _train(common, splits, workdir, common=True)
     result.update(_inference("common", lambda texts: common_predict(model, tokenizer, texts, common.max_length),
-                             splits["test"]))
+                             splits["test"], real_tokens(tokenizer, splits["test"]["text"].tolist(), common.max_length)))
     return {"settings": {**COMMON_RECIPE, "train_sampling_strategy": "random", "serving": "4-bit adapter, unsorted, batch 32"},
             **result}
 
@@ -159,8 +170,10 @@ def run_course(config: CourseConfig, splits: dict[str, pd.DataFrame], workdir: P
         lambda texts: predict_logits(served, served_tokenizer, texts, config.eval_batch_size, config.max_length,
                                      progress=False),
         splits["test"],
+        real_tokens(served_tokenizer, splits["test"]["text"].tolist(), config.max_length),
     ))
     settings = {k: getattr(config, k) for k in COMMON_RECIPE}
+    settings["attn_implementation"] = attention_implementation(config.attn_implementation)
     serving = f"merged, {str(next(served.parameters()).dtype).removeprefix('torch.')}, sorted, batch {config.eval_batch_size}"
     return {"settings": {**settings, "train_sampling_strategy": "group_by_length", "serving": serving}, **result}
 
@@ -169,6 +182,7 @@ RATIOS = {
     "train_throughput": "train_samples_per_second",
     "train_tokens_per_second": "train_tokens_per_second",
     "inference_throughput": "inference_samples_per_second",
+    "inference_tokens_per_second": "inference_tokens_per_second",
     "accuracy": "accuracy",
     "macro_f1": "macro_f1",
     "train_peak_memory": "train_peak_memory_mb",
@@ -189,6 +203,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         ("test accuracy", "accuracy", "accuracy"),
         ("test macro-F1", "macro_f1", "macro_f1"),
         ("inference samples/s", "inference_samples_per_second", "inference_throughput"),
+        ("inference tokens/s (real tokens)", "inference_tokens_per_second", "inference_tokens_per_second"),
         ("trainable parameters", "trainable_parameters", None),
     ]
     common, course, ratio = result["recipes"]["common"], result["recipes"]["course"], result["ratios"]
@@ -225,6 +240,7 @@ def run(config: CourseConfig, output_dir: str | Path, train_per_class: int, test
         "profile": config.profile,
         "model": config.model_name,
         "hardware": hardware(),
+        "mixed_precision": mixed_precision(),
         "date": time.strftime("%Y-%m-%d"),
         "train_rows": len(splits["train"]),
         "test_rows": len(splits["test"]),

@@ -45,6 +45,8 @@ class CourseConfig:
     val_per_class: int = 25
     test_per_class: int = 100
     max_length: int = 96
+    # --- attention kernel: "auto" (sdpa on a GPU, eager on the CPU: faster for short rows), "sdpa" or "eager" ---
+    attn_implementation: str = "auto"
     # --- quantization ---
     load_in_4bit: bool = True
     # --- LoRA ---
@@ -94,7 +96,8 @@ class CourseConfig:
         return _check_values(dataclasses.replace(self, **changes))
 
 
-CHOICES = {"task": ("classify", "instruct"), "prompt_style": ("alpaca", "chat")}
+CHOICES = {"task": ("classify", "instruct"), "prompt_style": ("alpaca", "chat"),
+           "attn_implementation": ("auto", "sdpa", "eager")}
 
 
 def _check_values(config: CourseConfig) -> CourseConfig:

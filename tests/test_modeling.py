@@ -104,3 +104,51 @@ def test_serving_precision_follows_the_cpu():
 
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     assert serving_dtype() == (torch.bfloat16 if native else torch.float32)
+
+
+def test_attention_kernel_follows_the_device_and_eager_matches_sdpa(cpu_config, classifier_4bit):
+    from helpers.modeling import attention_implementation
+
+    assert attention_implementation() == "eager" and attention_implementation("sdpa") == "sdpa"
+    model, tokenizer = classifier_4bit
+    assert model.config._attn_implementation == "eager"  # the course's default on the CPU
+    inputs = tokenizer(["Stocks fell sharply.", "The team won the cup final on Sunday after extra time."],
+                       padding=True, return_tensors="pt")  # right padding: the mask matters
+    with torch.inference_mode():
+        eager = model(**inputs).logits
+        model.set_attn_implementation("sdpa")
+        sdpa = model(**inputs).logits
+        model.set_attn_implementation("eager")
+    torch.testing.assert_close(eager, sdpa, rtol=1e-4, atol=1e-4)
+    from helpers.config import ConfigError
+
+    with pytest.raises(ConfigError, match="attn_implementation='flash'"):
+        cpu_config.replace(attn_implementation="flash")
+
+
+def test_bf16_autocast_training_step_follows_the_fp32_gradient(cpu_config):
+    """The CPU trains under bf16 autocast (mixed_precision); its LoRA gradients must point where fp32's do."""
+    from helpers.modeling import cpu_has_fast_bf16
+    from helpers.training import mixed_precision
+
+    assert mixed_precision() == {"bf16": cpu_has_fast_bf16(), "fp16": False}
+    torch.manual_seed(0)
+    model, tokenizer = load_classifier(cpu_config)
+    model = add_lora(model, cpu_config)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)  # non-zero B: the gradient of A is non-zero too
+    inputs = tokenizer(["Oil prices rose on supply fears.", "The striker scored twice in the derby."] * 2,
+                       padding=True, return_tensors="pt")
+    labels = torch.tensor([2, 1, 2, 1])
+
+    def gradient(autocast: bool) -> torch.Tensor:
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(**inputs).logits
+        torch.nn.functional.cross_entropy(logits.float(), labels).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+    fp32, bf16 = gradient(False), gradient(True)
+    assert fp32.abs().sum() > 0
+    assert torch.nn.functional.cosine_similarity(fp32, bf16, dim=0) > 0.99

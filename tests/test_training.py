@@ -25,7 +25,9 @@ def test_training_arguments_group_by_length_and_follow_hardware(cpu_config, tmp_
     args = training_arguments(cpu_config, tmp_path)
     assert args.train_sampling_strategy == "group_by_length"
     assert (args.seed, args.per_device_train_batch_size, args.learning_rate) == (42, 8, 1e-3)
-    assert mixed_precision() == {"bf16": False, "fp16": False} and not args.bf16 and not args.fp16
+    # the CPU: bf16 autocast where bf16 is native (AVX512-BF16 or AMX), never fp16
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert mixed_precision() == {"bf16": native, "fp16": False} and args.bf16 == native and not args.fp16
     assert args.report_to in ([], "none", ["none"]) or not args.report_to
 
 
