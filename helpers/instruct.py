@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from transformers import Trainer
 
 from helpers.config import ConfigError, CourseConfig
 from helpers.data import DataError
+from helpers.training import CourseTrainer, classification_metrics
 
 # the Stanford Alpaca template (github.com/tatsu-lab/stanford_alpaca), with and without an input
 ALPACA_PROMPT = (
@@ -266,8 +266,6 @@ def evaluate_generative(
     Returns {"scored": metrics, "generated": metrics, "valid_answers": share, "answers": [...], "parsed": array,
     "scores": array, "samples_per_second": float}.
     """
-    from helpers.training import classification_metrics
-
     batch_size = batch_size or config.eval_batch_size
     texts = article_prompts(df["text"].tolist(), config, tokenizer)
     labels = df["label"].to_numpy()
@@ -303,7 +301,7 @@ def instruct_records(train: pd.DataFrame, config: CourseConfig, tokenizer: Any) 
     return records.sample(frac=1.0, random_state=config.seed).reset_index(drop=True)
 
 
-class ResponseLossTrainer(Trainer):
+class ResponseLossTrainer(CourseTrainer):
     """The Trainer, with the causal-LM loss computed where a label is counted (response and EOS) and nowhere else.
 
     The loss is the model's own next-token cross-entropy over the tokens whose label is not ``IGNORE_INDEX``.

@@ -114,8 +114,8 @@ def cpu_has_fast_bf16() -> bool:
 def precision_choice() -> tuple[torch.dtype, str]:
     """The compute dtype for this machine and the reason, as notebook 00 prints it."""
     if not torch.cuda.is_available():
-        autocast = ("; the Trainer runs the matrix products in bf16 autocast, native on this CPU (measured 1.4x "
-                    "faster training on 2 cores)" if cpu_has_fast_bf16() else "; no bf16 autocast (not native here)")
+        autocast = ("; the Trainer runs the matrix products in bf16 autocast, native on this CPU"
+                    if cpu_has_fast_bf16() else "; no bf16 autocast (bf16 is not native on this CPU)")
         return torch.float32, ("CPU: 4-bit layers de-quantize to fp32, because bitsandbytes trains much more slowly "
                                "with bf16 compute on a CPU" + autocast)
     name = torch.cuda.get_device_name()
@@ -152,8 +152,8 @@ def serving_dtype() -> torch.dtype:
 def attention_implementation(choice: str = "auto") -> str:
     """The attention kernel: ``choice`` itself, or for "auto" "sdpa" on a GPU and "eager" on the CPU.
 
-    On 2 CPU cores with SmolLM2 and ~55-token rows, eager attention trained about 10% faster than PyTorch's
-    SDPA kernel (whose bf16 backward is slow on the CPU) and predicted as fast. On a GPU, SDPA runs the fused
+    On 2 CPU cores with SmolLM2's short rows, eager attention trained faster than PyTorch's SDPA kernel (whose
+    bf16 backward is slow on the CPU) and predicted as fast (``python scripts/cpu_speed_choices.py``). On a GPU, SDPA runs the fused
     flash/memory-efficient kernels.
     """
     if choice != "auto":

@@ -138,9 +138,6 @@ def _train(trainer: Any, checkpoint: Path | None, config: CourseConfig, rows: in
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - start
-    # the Trainer leaves accelerate's autocast wrapper (bf16/fp16) on model.forward; take it off so the
-    # evaluation that follows runs the model in its own precision, as a reloaded adapter does
-    trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     steps_here = trainer.state.global_step - (int(checkpoint.name.split("-")[1]) if checkpoint else 0)
     samples_here = min(steps_here * trainer.args.train_batch_size * config.gradient_accumulation_steps
                        * trainer.args.world_size, rows * config.epochs)

@@ -20,7 +20,22 @@ from helpers.config import CourseConfig
 from helpers.modeling import cpu_has_fast_bf16, gpu_has_fast_bf16
 
 
-class WeightedLossTrainer(Trainer):
+class CourseTrainer(Trainer):
+    """The Trainer, leaving the model as it found it: in its own precision once ``train()`` returns.
+
+    Under bf16/fp16 mixed precision, accelerate wraps ``model.forward`` in autocast and the Trainer leaves
+    the wrapper on, so anything run with the model after training (an evaluation, generation) would run in
+    16-bit while the saved adapter, reloaded, runs in the model's precision. Taught in notebook 06.
+    """
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)  # drops the autocast wrapper
+
+
+class WeightedLossTrainer(CourseTrainer):
     """A Trainer whose loss is cross-entropy weighted per class (rare classes count more)."""
 
     # our loss is a per-batch mean, so the Trainer must still divide it by the accumulation steps
@@ -67,7 +82,7 @@ def mixed_precision() -> dict[str, bool]:
     where it is native (AVX512-BF16 or AMX), else neither.
 
     On the CPU the LoRA weights, optimizer state and 4-bit de-quantization stay fp32; autocast runs the matrix
-    products in bf16. Measured on 2 Zen 4 cores (notebook 06's recipe): 1.3 against 1.9 s a step.
+    products in bf16 (step times: ``python scripts/cpu_speed_choices.py``).
     """
     if not torch.cuda.is_available():
         return {"bf16": cpu_has_fast_bf16(), "fp16": False}

@@ -72,4 +72,7 @@ def test_a_4bit_lora_step_updates_adapters_and_head(tiny_trainer):
     assert any("score" in n for n in changed) and any("lora_B" in n for n in changed)
     assert any("loss" in row for row in trainer.state.log_history)
     assert peak_memory_mb() > 100
+    # trained under bf16 autocast on this CPU (mixed_precision); afterwards the model runs in its own precision
+    assert trainer.args.bf16 == mixed_precision()["bf16"]
+    assert "_original_forward" not in trainer.model.__dict__ and not hasattr(trainer.model.forward, "__wrapped__")
 
