@@ -25,7 +25,8 @@ class CourseTrainer(Trainer):
 
     Under bf16/fp16 mixed precision, accelerate wraps ``model.forward`` in autocast and the Trainer leaves
     the wrapper on, so anything run with the model after training (an evaluation, generation) would run in
-    16-bit while the saved adapter, reloaded, runs in the model's precision. Taught in notebook 06.
+    16-bit while the saved adapter, reloaded, runs in the model's precision. Base of ``WeightedLossTrainer``
+    (``helpers.train``) and ``ResponseLossTrainer`` (notebook 08).
     """
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
