@@ -38,7 +38,7 @@ from helpers.evaluation import predict_logits
 from helpers.io import atomic_write_json, atomic_write_text
 from helpers.merging import load_for_inference, merge_and_save, save_adapter
 from helpers.modeling import (
-    ModelError, add_lora, attention_implementation, device, load_classifier, trainable_parameters,
+    ModelError, add_lora, attention_implementation, device, hardware_name, load_classifier, trainable_parameters,
 )
 from helpers.training import (
     WeightedLossTrainer, classification_metrics, mixed_precision, peak_memory_mb, reset_peak_memory, training_arguments,
@@ -126,12 +126,20 @@ def common_predict(model: Any, tokenizer: Any, texts: list[str], max_length: int
     return np.concatenate(chunks)
 
 
-def real_tokens(tokenizer: Any, texts: list[str], max_length: int) -> int:
-    """Tokens a model reads for ``texts`` after truncation, padding not counted."""
-    return sum(min(len(ids), max_length) for ids in tokenizer(texts)["input_ids"])
+def token_counts(lengths: list[int], batch_size: int, sort: bool) -> tuple[int, int]:
+    """Real and padded tokens of inference over rows of these token ``lengths`` (already truncated), each batch
+    padded to its longest row: in input order (the common recipe) or sorted by length (the course)."""
+    ordered = sorted(lengths) if sort else list(lengths)
+    batches = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+    return sum(ordered), sum(max(batch) * len(batch) for batch in batches)
 
 
-def _inference(name: str, logits_fn: Any, test: pd.DataFrame, tokens: int) -> dict[str, Any]:
+def inference_tokens(tokenizer: Any, texts: list[str], max_length: int, batch_size: int, sort: bool) -> tuple[int, int]:
+    """``token_counts`` of ``texts`` after truncation to ``max_length``."""
+    return token_counts([min(len(ids), max_length) for ids in tokenizer(texts)["input_ids"]], batch_size, sort)
+
+
+def _inference(name: str, logits_fn: Any, test: pd.DataFrame, tokens: tuple[int, int]) -> dict[str, Any]:
     # one untimed batch first, for both recipes: one-time kernel setup is not throughput
     logits_fn(test["text"].tolist()[:WARMUP_ROWS])
     reset_peak_memory()
@@ -142,7 +150,8 @@ def _inference(name: str, logits_fn: Any, test: pd.DataFrame, tokens: int) -> di
     print(f"{name}: inference {len(test) / seconds:.2f} samples/s, accuracy {metrics['accuracy']:.3f}")
     return {
         "inference_samples_per_second": round(len(test) / seconds, 3),
-        "inference_tokens_per_second": round(tokens / seconds, 1),
+        "inference_tokens_per_second": round(tokens[0] / seconds, 1),
+        "inference_padding_share": round(1 - tokens[0] / tokens[1], 4),
         "inference_peak_memory_mb": round(peak_memory_mb(), 1),
         "accuracy": round(metrics["accuracy"], 4),
         "macro_f1": round(metrics["macro_f1"], 4),
@@ -153,7 +162,8 @@ def run_common(config: CourseConfig, splits: dict[str, pd.DataFrame], workdir: P
     common = common_config(config)
     model, tokenizer, result = _train(common, splits, workdir, common=True)
     result.update(_inference("common", lambda texts: common_predict(model, tokenizer, texts, common.max_length),
-                             splits["test"], real_tokens(tokenizer, splits["test"]["text"].tolist(), common.max_length)))
+                             splits["test"], inference_tokens(tokenizer, splits["test"]["text"].tolist(),
+                                                              common.max_length, COMMON_INFERENCE_BATCH, sort=False)))
     return {"settings": {**COMMON_RECIPE, "train_sampling_strategy": "random", "serving": "4-bit adapter, unsorted, batch 32"},
             **result}
 
@@ -170,7 +180,8 @@ def run_course(config: CourseConfig, splits: dict[str, pd.DataFrame], workdir: P
         lambda texts: predict_logits(served, served_tokenizer, texts, config.eval_batch_size, config.max_length,
                                      progress=False),
         splits["test"],
-        real_tokens(served_tokenizer, splits["test"]["text"].tolist(), config.max_length),
+        inference_tokens(served_tokenizer, splits["test"]["text"].tolist(), config.max_length, config.eval_batch_size,
+                         sort=True),
     ))
     settings = {k: getattr(config, k) for k in COMMON_RECIPE}
     settings["attn_implementation"] = attention_implementation(config.attn_implementation)
@@ -204,6 +215,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         ("test macro-F1", "macro_f1", "macro_f1"),
         ("inference samples/s", "inference_samples_per_second", "inference_throughput"),
         ("inference tokens/s (real tokens)", "inference_tokens_per_second", "inference_tokens_per_second"),
+        ("padding share of inference tokens", "inference_padding_share", None),
         ("trainable parameters", "trainable_parameters", None),
     ]
     common, course, ratio = result["recipes"]["common"], result["recipes"]["course"], result["ratios"]
@@ -220,12 +232,6 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def hardware() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"CPU, {torch.get_num_threads()} threads"
-
-
 def run(config: CourseConfig, output_dir: str | Path, train_per_class: int, test_per_class: int) -> dict[str, Any]:
     """Both recipes on the same split; returns what is written to ``bench.json``."""
     out = Path(output_dir)
@@ -239,7 +245,7 @@ def run(config: CourseConfig, output_dir: str | Path, train_per_class: int, test
     result = {
         "profile": config.profile,
         "model": config.model_name,
-        "hardware": hardware(),
+        "hardware": hardware_name(),
         "mixed_precision": mixed_precision(),
         "date": time.strftime("%Y-%m-%d"),
         "train_rows": len(splits["train"]),

@@ -111,6 +111,20 @@ def cpu_has_fast_bf16() -> bool:
                 or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
+def hardware_name() -> str:
+    """What a measurement ran on, for metrics.json and the benchmark tables: the GPU, or the CPU's model name,
+    vector instructions (``AVX2``, ``AVX512``), whether bf16 is native, and the number of threads."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    model = "CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        model = names[0] if names else model
+    bf16 = "native bf16" if cpu_has_fast_bf16() else "no native bf16"
+    return f"{model} ({torch.backends.cpu.get_cpu_capability()}, {bf16}), {torch.get_num_threads()} threads"
+
+
 def precision_choice() -> tuple[torch.dtype, str]:
     """The compute dtype for this machine and the reason, as notebook 00 prints it."""
     if not torch.cuda.is_available():

@@ -37,7 +37,8 @@ from helpers.instruct import (
     instruct_records,
 )
 from helpers.modeling import (
-    ModelError, add_lora, compute_dtype, device, load_causal_lm, load_classifier, serving_dtype, trainable_parameters,
+    ModelError, add_lora, compute_dtype, device, hardware_name, load_causal_lm, load_classifier, serving_dtype,
+    trainable_parameters,
 )
 from helpers.plots import plot_class_distribution, plot_confusion_matrix, plot_token_lengths, plot_training_curves
 from helpers.training import (
@@ -91,10 +92,6 @@ def _prepare_folder(out: Path, config: CourseConfig, test: Any, overwrite: bool)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     atomic_write_text(out / "test.csv", test[["text", "label"]].to_csv(index=False))  # so predict can rerun it
-
-
-def _hardware() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
 
 
 def _baseline(out: Path, checkpoint: Path | None, main_process: bool, evaluate: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -212,7 +209,7 @@ def run(config: CourseConfig, output_dir: str | Path, overwrite: bool = False, r
 
     metrics = {
         "profile": config.profile,
-        "hardware": _hardware(),
+        "hardware": hardware_name(),
         "processes": trainer_processes,
         "test_rows": len(test),
         "baseline": baseline,
@@ -308,7 +305,7 @@ def run_instruct(config: CourseConfig, output_dir: str | Path, overwrite: bool =
     metrics = {
         "task": "instruct",
         "profile": config.profile,
-        "hardware": _hardware(),
+        "hardware": hardware_name(),
         "processes": trainer_processes,
         "train_rows": len(train_records),
         "test_rows": len(test),

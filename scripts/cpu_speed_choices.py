@@ -26,7 +26,7 @@ from transformers import DataCollatorWithPadding, set_seed
 from helpers.config import load_config
 from helpers.data import course_splits, tokenize
 from helpers.evaluation import predict_logits
-from helpers.modeling import add_lora, load_classifier
+from helpers.modeling import add_lora, hardware_name, load_classifier
 
 
 def timed(fn, repeat: int) -> float:
@@ -84,7 +84,7 @@ def main() -> None:
         gemm[str(dtype).removeprefix("torch.")] = round(2 * 1760 * 576 * 1536 / seconds / 1e9)
 
     result = {
-        "hardware": f"CPU, {torch.get_num_threads()} threads",
+        "hardware": hardware_name(),
         "tokens_per_training_batch": int(batch["attention_mask"].numel()),
         "train_seconds_per_step": {k: round(statistics.median(v), 3) for k, v in train.items()},
         "inference_rows_per_second_bf16": {k: round(statistics.median(v), 2) for k, v in infer.items()},

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers.bench import COMMON_RECIPE, common_config, ratios
+from helpers.bench import COMMON_RECIPE, common_config, ratios, token_counts
 from helpers.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,6 +28,13 @@ def test_ratios_are_course_over_common():
                                       "accuracy": 1.6, "macro_f1": 1.0, "train_peak_memory": 1.0}
 
 
+def test_token_counts_pad_each_batch_to_its_longest_row():
+    lengths = [1, 5, 1, 5, 3]
+    assert token_counts(lengths, 2, sort=False) == (15, 5 * 2 + 5 * 2 + 3)
+    assert token_counts(lengths, 2, sort=True) == (15, 1 * 2 + 5 * 2 + 5)  # [1, 1], [3, 5], [5]
+    assert token_counts(lengths, 8, sort=True) == (15, 5 * 5)
+
+
 def test_bench_command_writes_json_and_table(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "helpers.bench", "--profile", "smollm2-cpu", "--output-dir", str(tmp_path),
@@ -43,6 +50,7 @@ def test_bench_command_writes_json_and_table(tmp_path):
         course["inference_samples_per_second"] / common["inference_samples_per_second"], 3)
     # length-grouped batches pad less than random ones (same rows, same batch size)
     assert course["padding_share"] <= common["padding_share"]
+    assert 0 <= course["inference_padding_share"] <= common["inference_padding_share"] < 1
     # the common recipe reads at most 512 tokens a row, the course at most max_length: never more tokens
     # (both figures are rounded, hence the 0.5% margin)
     assert course["inference_tokens_per_second"] / course["inference_samples_per_second"] <= 1.005 * (

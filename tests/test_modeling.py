@@ -106,6 +106,17 @@ def test_serving_precision_follows_the_cpu():
     assert serving_dtype() == (torch.bfloat16 if native else torch.float32)
 
 
+def test_hardware_name_says_the_instructions_bf16_and_threads(monkeypatch):
+    from helpers.modeling import hardware_name
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    name = hardware_name()
+    assert f"({torch.backends.cpu.get_cpu_capability()}, no native bf16), {torch.get_num_threads()} threads" in name
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert "native bf16)" in hardware_name() and "no native" not in hardware_name()
+
+
 def test_attention_kernel_follows_the_device_and_eager_matches_sdpa(cpu_config, classifier_4bit):
     from helpers.modeling import attention_implementation
 
