@@ -1,13 +1,14 @@
 """Measure the two CPU speed choices of the course in one process: bf16 autocast and the attention kernel.
 
-    python scripts/cpu_speed_choices.py [--steps 5] [--repeats 3] [--output FILE.json]
+    python scripts/cpu_speed_choices.py [--steps 5] [--repeats 3] [--gemm-only] [--output FILE.json]
 
 Training: the course's 4-bit model with LoRA on all linear layers, one fixed batch of 8 training rows, the
 optimizer step included; seconds per step for fp32, bf16 autocast with SDPA, and bf16 autocast with eager
 attention, taken in turns so that drifts in machine speed hit every setting alike.
 Inference: the untrained model in bf16 on the first 64 test rows, SDPA against eager, rows per second.
 Matrix products: GFLOP/s of one bf16 and one fp32 product of the shape of an MLP layer on a batch of 32 rows
-of ~55 tokens, the ceiling for the model's matrix products on this machine.
+of ~55 tokens, the ceiling for the model's matrix products on this machine. ``--gemm-only`` measures only these
+(seconds; the bf16 training steps take minutes on a CPU without native bf16).
 The median over the repeats is reported. The choices it supports: ``helpers.training.mixed_precision`` and
 ``helpers.modeling.attention_implementation``.
 """
@@ -41,8 +42,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per setting and repeat")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gemm-only", action="store_true", help="only the matrix products")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
+    result: dict[str, object] = {"hardware": hardware_name()}
+    if not args.gemm_only:
+        result.update(training_and_inference(args.steps, args.repeats))
+    result["matrix_product_gflops"] = matrix_product_gflops()
+    print(json.dumps(result, indent=2))
+    if args.output:
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def training_and_inference(steps: int, repeats: int) -> dict[str, object]:
     config = load_config("smollm2-cpu").replace(val_per_class=1, test_per_class=16)
     splits = course_splits(config)
     set_seed(config.seed)
@@ -63,36 +75,34 @@ def main() -> None:
                 "bf16 autocast, eager": (True, "eager")}
     train: dict[str, list[float]] = {name: [] for name in settings}
     model.train()
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         for name, (autocast, attention) in settings.items():
             model.set_attn_implementation(attention)
-            train[name].append(timed(lambda: step(autocast), args.steps))
+            train[name].append(timed(lambda: step(autocast), steps))
 
     served, _ = load_classifier(config, load_in_4bit=False, dtype=torch.bfloat16, prepare_for_training=False)
     texts = splits["test"]["text"].tolist()
     infer: dict[str, list[float]] = {"sdpa": [], "eager": []}
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         for attention in infer:
             served.set_attn_implementation(attention)
             seconds = timed(lambda: predict_logits(served, tokenizer, texts, 32, config.max_length, progress=False), 1)
             infer[attention].append(len(texts) / seconds)
 
+    return {
+        "tokens_per_training_batch": int(batch["attention_mask"].numel()),
+        "train_seconds_per_step": {k: round(statistics.median(v), 3) for k, v in train.items()},
+        "inference_rows_per_second_bf16": {k: round(statistics.median(v), 2) for k, v in infer.items()},
+    }
+
+
+def matrix_product_gflops() -> dict[str, float]:
     gemm: dict[str, float] = {}
     for dtype in (torch.bfloat16, torch.float32):
         a, b = torch.randn(1760, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
         seconds = timed(lambda: torch.nn.functional.linear(a, b), 20)
         gemm[str(dtype).removeprefix("torch.")] = round(2 * 1760 * 576 * 1536 / seconds / 1e9)
-
-    result = {
-        "hardware": hardware_name(),
-        "tokens_per_training_batch": int(batch["attention_mask"].numel()),
-        "train_seconds_per_step": {k: round(statistics.median(v), 3) for k, v in train.items()},
-        "inference_rows_per_second_bf16": {k: round(statistics.median(v), 2) for k, v in infer.items()},
-        "matrix_product_gflops": gemm,
-    }
-    print(json.dumps(result, indent=2))
-    if args.output:
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
+    return gemm
 
 
 if __name__ == "__main__":
