@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,18 @@ def hardware_name() -> str:
         model = names[0] if names else model
     bf16 = "native bf16" if cpu_has_fast_bf16() else "no native bf16"
     return f"{model} ({torch.backends.cpu.get_cpu_capability()}, {bf16}), {torch.get_num_threads()} threads"
+
+
+def matrix_product_gflops(dtype: torch.dtype, repeat: int = 20) -> float:
+    """GFLOP/s of one matrix product of SmolLM2's MLP shape (576 -> 1536) on 1,760 rows, a batch of 32 rows of
+    ~55 tokens: the ceiling for the model's matrix products on this machine. Used by
+    ``scripts/cpu_speed_choices.py`` and the predict time test."""
+    a, b = torch.randn(1760, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
+    torch.nn.functional.linear(a, b)  # untimed: kernel setup
+    start = time.perf_counter()
+    for _ in range(repeat):
+        torch.nn.functional.linear(a, b)
+    return repeat * 2 * 1760 * 576 * 1536 / (time.perf_counter() - start) / 1e9
 
 
 def precision_choice() -> tuple[torch.dtype, str]:

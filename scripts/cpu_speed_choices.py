@@ -27,7 +27,7 @@ from transformers import DataCollatorWithPadding, set_seed
 from helpers.config import load_config
 from helpers.data import course_splits, tokenize
 from helpers.evaluation import predict_logits
-from helpers.modeling import add_lora, hardware_name, load_classifier
+from helpers.modeling import add_lora, hardware_name, load_classifier, matrix_product_gflops
 
 
 def timed(fn, repeat: int) -> float:
@@ -48,7 +48,8 @@ def main() -> None:
     result: dict[str, object] = {"hardware": hardware_name()}
     if not args.gemm_only:
         result.update(training_and_inference(args.steps, args.repeats))
-    result["matrix_product_gflops"] = matrix_product_gflops()
+    result["matrix_product_gflops"] = {str(dtype).removeprefix("torch."): round(matrix_product_gflops(dtype))
+                                       for dtype in (torch.bfloat16, torch.float32)}
     print(json.dumps(result, indent=2))
     if args.output:
         args.output.write_text(json.dumps(result, indent=2) + "\n")
@@ -94,15 +95,6 @@ def training_and_inference(steps: int, repeats: int) -> dict[str, object]:
         "train_seconds_per_step": {k: round(statistics.median(v), 3) for k, v in train.items()},
         "inference_rows_per_second_bf16": {k: round(statistics.median(v), 2) for k, v in infer.items()},
     }
-
-
-def matrix_product_gflops() -> dict[str, float]:
-    gemm: dict[str, float] = {}
-    for dtype in (torch.bfloat16, torch.float32):
-        a, b = torch.randn(1760, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
-        seconds = timed(lambda: torch.nn.functional.linear(a, b), 20)
-        gemm[str(dtype).removeprefix("torch.")] = round(2 * 1760 * 576 * 1536 / seconds / 1e9)
-    return gemm
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from helpers.evaluation import predict_logits
 from helpers.merging import (
     LABELS_FILE, load_adapter, load_for_inference, max_logit_difference, merge, merge_and_save, read_labels,
 )
-from helpers.modeling import ModelError
+from helpers.modeling import ModelError, matrix_product_gflops
 
 REQUIRED = ["config.yaml", "metrics.json", "adapter", "merged", "test.csv", "class_distribution.png",
             "token_lengths.png", "training_curves.png", "confusion_matrix.png"]
@@ -84,28 +84,18 @@ def _cli(module, *args, cwd=None):
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
-def matrix_product_seconds(flops: float, dtype: torch.dtype) -> float:
-    """Seconds this machine needs for ``flops`` of matrix products of the model's MLP shape (the arithmetic floor)."""
-    a, b = torch.randn(1760, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
-    torch.nn.functional.linear(a, b)
-    start = time.perf_counter()
-    for _ in range(10):
-        torch.nn.functional.linear(a, b)
-    rate = 10 * 2 * 1760 * 576 * 1536 / (time.perf_counter() - start)
-    return flops / rate
-
-
 def test_predict_1000_rows_within_two_minutes(default_run, tmp_path):
     """Issue 1: at most 2 minutes on the CPU. A CPU whose matrix products alone need most of that (2 cores with
-    AVX2 and no native bf16 serve in fp32: ~95 s of arithmetic) gets 1.5x its arithmetic floor instead."""
+    AVX2 and no native bf16 serve in fp32: ~95 s of arithmetic) gets 2x its arithmetic floor instead
+    (measured here, on a machine whose speed moves by up to 50% between runs)."""
     rows = tmp_path / "news.csv"
     rows.write_text("".join(AG_NEWS_CSV.read_text().splitlines(keepends=True)[:1000]))
     served, tokenizer, _ = load_for_inference(default_run["dir"] / "merged")
     texts = read_text_csv(rows)["text"].tolist()  # what predict reads
     tokens = sum(min(len(ids), 96) for ids in tokenizer(texts)["input_ids"])
     weights = sum(m.weight.numel() for n, m in served.named_modules() if isinstance(m, torch.nn.Linear) and n != "score")
-    floor = matrix_product_seconds(2 * weights * tokens, next(served.parameters()).dtype)
-    budget = max(120.0, 1.5 * floor + 15)
+    floor = 2 * weights * tokens / (matrix_product_gflops(next(served.parameters()).dtype, 10) * 1e9)  # seconds
+    budget = max(120.0, 2 * floor + 15)
     del served
     start = time.perf_counter()
     result = _cli("helpers.predict", "--model", default_run["dir"] / "merged", "--input", rows, "--output", tmp_path / "out.csv")
