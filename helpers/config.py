@@ -1,14 +1,14 @@
-"""One dataclass holding every setting of the course, and its two profiles.
+"""Every setting of the course in one dataclass, and the profiles that fill it in.
 
 Taught in notebook 00 (setup) and used by every notebook and by ``python -m helpers.train``.
 
-Profiles:
+A profile is one ``Profile`` entry in ``PROFILES``: its model, whether the Hub needs a login, its
+split sizes, what instruction tuning changes and the benchmark's sizes. Adding a profile is adding
+an entry; notebooks, commands and help texts read the profiles from there.
 
-* ``llama3-8b``: Meta-Llama-3-8B from the Hugging Face Hub, 4-bit QLoRA, for a GPU.
-* ``smollm2-cpu``: the bundled SmolLM2-135M-Instruct (Llama architecture), offline, 2 CPU cores.
-
-The default profile is picked from the hardware (CUDA present: ``llama3-8b``), overridden by the
-environment variable ``COURSE_PROFILE``, by an explicit argument, or by ``profile:`` in a YAML file.
+The profile is picked by an explicit argument, by ``profile:`` in a YAML file, by the environment
+variable ``COURSE_PROFILE``, or else from the hardware (the first GPU profile where a GPU is
+usable).
 """
 
 from __future__ import annotations
@@ -33,26 +33,31 @@ class ConfigError(ValueError):
 
 @dataclass
 class CourseConfig:
-    """Every setting of a run. Change a profile by editing a copy, a YAML file or the parameters cell."""
+    """Every setting of a run; a profile fills in its own values (``Profile.config``).
+
+    Change settings with a YAML file, the parameters cell of a notebook or ``config.replace(...)``.
+    """
 
     # --- profile and model ---
     profile: str = "smollm2-cpu"
     model_name: str = "smollm2"  # "smollm2" (bundled), a Hub id or a local folder
     # --- data ---
-    data_source: str = "local"  # "local" (data/ folder) or "hub" (fancyzhx/ag_news, falls back to local)
+    data_source: str = "local"  # "local" (data/ folder) or "hub" (fancyzhx/ag_news, else local)
     labels: list[str] = field(default_factory=lambda: list(AG_NEWS_LABELS))
     train_per_class: int = 200
     val_per_class: int = 25
     test_per_class: int = 100
     max_length: int = 96
-    # --- attention kernel: "auto" (sdpa on a GPU, eager on the CPU: faster for short rows), "sdpa" or "eager" ---
+    # --- attention kernel: "auto" (helpers.hardware decides), "sdpa" or "eager" ---
     attn_implementation: str = "auto"
     # --- quantization ---
     load_in_4bit: bool = True
     # --- LoRA ---
     lora_r: int = 16
     lora_alpha: int = 16
-    lora_dropout: float = 0.0  # no dropout: a copy of every LoRA input per step; measured 20% faster on 2 cores, same accuracy
+    lora_dropout: float = (
+        0.0  # dropout copies every LoRA input each step: slower, and no more accurate here
+    )
     lora_target_modules: list[str] | str = "all-linear"
     # --- optimizer and schedule ---
     learning_rate: float = 1e-3
@@ -66,14 +71,18 @@ class CourseConfig:
     use_class_weights: bool = True
     # --- task: a classification head (notebooks 03-07) or instruction tuning (notebook 08) ---
     task: str = "classify"  # "classify" or "instruct" (answer with the label's name)
-    prompt_style: str = "alpaca"  # instruct: "alpaca" template, or "chat" (the model's own chat template)
-    instruct_train_per_class: int = 0  # instruct: train on the first N rows per class of the same split (0: all)
-    alpaca_general_rows: int = 0  # instruct: general Alpaca records (yahma/alpaca-cleaned) mixed in; Hub only
-    max_new_tokens: int = 8  # instruct: tokens generated per answer (labels are 1-3 tokens, then EOS)
+    prompt_style: str = (
+        "alpaca"  # instruct: "alpaca" template, or "chat" (the model's own chat template)
+    )
+    instruct_train_per_class: int = 0  # instruct: the first N rows per class of the split (0: all)
+    alpaca_general_rows: int = (
+        0  # instruct: general Alpaca records (yahma/alpaca-cleaned); Hub only
+    )
+    max_new_tokens: int = 8  # instruct: tokens generated per answer (labels: 1-3 tokens, then EOS)
     # --- bookkeeping ---
     seed: int = 42
     logging_steps: int = 5
-    save_steps: int = 25  # a checkpoint every N optimizer steps, for `--resume` after a crash or disconnect
+    save_steps: int = 25  # a checkpoint every N optimizer steps, for `--resume` after a disconnect
 
     @property
     def num_labels(self) -> int:
@@ -91,51 +100,104 @@ class CourseConfig:
         return dataclasses.asdict(self)
 
     def replace(self, **changes: Any) -> "CourseConfig":
-        """A copy with some fields changed; unknown names raise a ConfigError listing the valid ones."""
+        """A copy with some fields changed; unknown names raise a ConfigError listing the valid
+        ones."""
         _check_keys(changes)
         return _check_values(dataclasses.replace(self, **changes))
 
 
-CHOICES = {"task": ("classify", "instruct"), "prompt_style": ("alpaca", "chat"),
-           "attn_implementation": ("auto", "sdpa", "eager")}
+CHOICES = {
+    "task": ("classify", "instruct"),
+    "prompt_style": ("alpaca", "chat"),
+    "attn_implementation": ("auto", "sdpa", "eager"),
+}
 
 
 def _check_values(config: CourseConfig) -> CourseConfig:
     for name, allowed in CHOICES.items():
         if getattr(config, name) not in allowed:
-            raise ConfigError(f"{name}={getattr(config, name)!r} is not one of {list(allowed)}. Fix it in your YAML "
-                              "file, parameters cell or command line.")
+            raise ConfigError(
+                f"{name}={getattr(config, name)!r} is not one of {list(allowed)}. Fix it in "
+                "your YAML file, parameters cell or command line."
+            )
     return config
 
 
-PROFILES: dict[str, CourseConfig] = {
-    "smollm2-cpu": CourseConfig(),
-    "llama3-8b": CourseConfig(
-        profile="llama3-8b",
-        model_name="meta-llama/Meta-Llama-3-8B",
-        data_source="hub",
-        train_per_class=2000,
-        val_per_class=250,
-        test_per_class=500,
-        max_length=128,
-        lora_r=16,
-        lora_alpha=16,
-        lora_target_modules="all-linear",
-        learning_rate=1e-4,
-        batch_size=8,
-        eval_batch_size=64,
-        gradient_checkpointing=True,
-        logging_steps=25,
-        save_steps=200,
-    ),
+@dataclass(frozen=True)
+class Profile:
+    """Everything that differs between profiles. Settings not named here keep CourseConfig's
+    defaults."""
+
+    name: str
+    description: str
+    model_name: str  # "smollm2" (bundled), a Hub id or a local folder
+    train_per_class: int
+    val_per_class: int
+    test_per_class: int
+    needs_hub_login: bool = False  # a gated model: notebook 00 asks for a token
+    for_gpu: bool = False  # the default profile where a GPU is usable
+    settings: dict[str, Any] = field(default_factory=dict)  # other CourseConfig values
+    instruct: dict[str, Any] = field(default_factory=dict)  # what `task: instruct` changes
+    bench_sizes: tuple[int, int] = (64, 50)  # benchmark rows per class: (train, test)
+
+    def config(self, task: str = "classify") -> CourseConfig:
+        """This profile's CourseConfig for ``task``."""
+        values = {
+            "profile": self.name,
+            "model_name": self.model_name,
+            "train_per_class": self.train_per_class,
+            "val_per_class": self.val_per_class,
+            "test_per_class": self.test_per_class,
+            **self.settings,
+        }
+        if task == "instruct":
+            values.update(task="instruct", **self.instruct)
+        _check_keys(values)
+        return _check_values(CourseConfig(**values))
+
+
+PROFILES: dict[str, Profile] = {
+    profile.name: profile
+    for profile in (
+        Profile(
+            name="smollm2-cpu",
+            description="SmolLM2-135M-Instruct (Llama architecture), bundled: offline, on a CPU",
+            model_name="smollm2",
+            train_per_class=200,
+            val_per_class=25,
+            test_per_class=100,
+            # instruct prompts are about twice as long as the head's inputs: a quarter of the rows
+            instruct={"instruct_train_per_class": 50},
+            bench_sizes=(64, 50),
+        ),
+        Profile(
+            name="llama3-8b",
+            description="Meta-Llama-3-8B from the Hugging Face Hub, 4-bit QLoRA, on a GPU",
+            model_name="meta-llama/Meta-Llama-3-8B",
+            needs_hub_login=True,
+            for_gpu=True,
+            train_per_class=2000,
+            val_per_class=250,
+            test_per_class=500,
+            settings={
+                "data_source": "hub",
+                "max_length": 128,
+                "learning_rate": 1e-4,
+                "eval_batch_size": 64,
+                "gradient_checkpointing": True,
+                "logging_steps": 25,
+                "save_steps": 200,
+            },
+            instruct={"alpaca_general_rows": 1000},
+            bench_sizes=(500, 250),
+        ),
+    )
 }
 
-# what `task: instruct` changes in each profile (notebook 08, `python -m helpers.train --task instruct`)
-INSTRUCT_CHANGES: dict[str, dict[str, Any]] = {
-    # prompts are about twice as long as the head's inputs: a quarter of the training rows keeps 2 cores in minutes
-    "smollm2-cpu": {"instruct_train_per_class": 50},
-    "llama3-8b": {"alpaca_general_rows": 1000},
-}
+
+def profile_names() -> str:
+    """The profiles' names for help texts: ``smollm2-cpu, llama3-8b``."""
+    return ", ".join(PROFILES)
 
 
 def _check_keys(values: dict[str, Any]) -> None:
@@ -143,45 +205,57 @@ def _check_keys(values: dict[str, Any]) -> None:
     unknown = sorted(set(values) - valid)
     if unknown:
         raise ConfigError(
-            f"Unknown config setting(s) {unknown}. Valid settings are: {sorted(valid)}. Fix the spelling in your "
-            "YAML file or parameters cell."
+            f"Unknown config setting(s) {unknown}. Valid settings are: {sorted(valid)}. Fix the "
+            "spelling in your YAML file or parameters cell."
         )
 
 
 def default_profile() -> str:
-    """``COURSE_PROFILE`` if set, else ``llama3-8b`` where CUDA is present, else ``smollm2-cpu``."""
+    """``COURSE_PROFILE`` if set, else the first GPU profile where a GPU is usable, else the first
+    CPU one."""
     env = os.environ.get(PROFILE_ENV_VAR)
     if env:
         return env
-    import torch
+    from helpers.hardware import gpu_available
 
-    return "llama3-8b" if torch.cuda.is_available() else "smollm2-cpu"
+    gpu = gpu_available()
+    return next((p.name for p in PROFILES.values() if p.for_gpu == gpu), next(iter(PROFILES)))
 
 
-def load_config(profile: str | None = None, yaml_path: str | Path | None = None, **overrides: Any) -> CourseConfig:
-    """Resolve a config: profile (argument, YAML ``profile:``, env var or hardware), then YAML values, then overrides."""
+def load_config(
+    profile: str | None = None, yaml_path: str | Path | None = None, **overrides: Any
+) -> CourseConfig:
+    """Resolve a config: the profile (argument, YAML ``profile:``, env var or hardware), then the
+    YAML file's values, then ``overrides``."""
     from_yaml: dict[str, Any] = {}
     if yaml_path is not None:
         path = Path(yaml_path)
         if not path.is_file():
-            raise ConfigError(f"Config file {path} does not exist. Pass the path of a YAML file, or omit it.")
+            raise ConfigError(
+                f"Config file {path} does not exist. Pass the path of a YAML file, or omit it."
+            )
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"Config file {path} must hold a mapping of setting: value, not {type(loaded).__name__}.")
+            raise ConfigError(
+                f"Config file {path} must hold a mapping of setting: value, "
+                f"not {type(loaded).__name__}."
+            )
         from_yaml = loaded
     name = profile or from_yaml.get("profile") or default_profile()
     if name not in PROFILES:
-        raise ConfigError(f"Unknown profile {name!r}. Choose one of {sorted(PROFILES)} (argument, YAML or ${PROFILE_ENV_VAR}).")
+        raise ConfigError(
+            f"Unknown profile {name!r}. Choose one of {sorted(PROFILES)} "
+            f"(argument, YAML or ${PROFILE_ENV_VAR})."
+        )
     values = {**from_yaml, **overrides, "profile": name}
     _check_keys(values)
-    base = PROFILES[name]
-    if values.get("task") == "instruct":
-        base = dataclasses.replace(base, task="instruct", **INSTRUCT_CHANGES.get(name, {}))
+    base = PROFILES[name].config(task=values.get("task", "classify"))
     return _check_values(dataclasses.replace(base, **values))
 
 
 def save_config(config: CourseConfig, path: str | Path) -> Path:
-    """Write the resolved config as YAML (atomically), so that every run folder says how it was made."""
+    """Write the resolved config as YAML (atomically), so that every run folder says how it was
+    made."""
     path = Path(path)
     atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
     return path

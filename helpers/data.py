@@ -28,7 +28,7 @@ class DataError(ValueError):
 
 
 def make_text(title: str, description: str) -> str:
-    """One example's text: title and description (the original escapes line breaks as backslashes)."""
+    """One example's text: title and description (the original escapes line breaks as ``\\``)."""
     return f"{title.strip()}. {description.replace(chr(92), ' ').strip()}"
 
 
@@ -36,30 +36,50 @@ def _looks_like_ag_news(first_row: list[str]) -> bool:
     return len(first_row) == 3 and first_row[0].strip().lstrip("-").isdigit()
 
 
-def read_text_csv(path: str | Path, labels: Sequence[str] = AG_NEWS_LABELS, require_labels: bool = False) -> pd.DataFrame:
+def read_text_csv(
+    path: str | Path, labels: Sequence[str] = AG_NEWS_LABELS, require_labels: bool = False
+) -> pd.DataFrame:
     """Read a CSV into columns ``text`` (and ``label``, 0-based, when present).
 
     Two layouts are accepted: the original AG News one (no header; class index 1..K, title,
-    description) and one with a header holding a ``text`` column and optionally ``label``
-    (an integer 0..K-1 or a label name).
+    description) and one with a header holding a ``text`` column and optionally ``label`` (an
+    integer 0..K-1 or a label name).
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"Data file {path} does not exist. Check the path, or run from the repository root.")
+        raise DataError(
+            f"Data file {path} does not exist. Check the path, or run from the repository root."
+        )
     if path.stat().st_size == 0:
-        raise DataError(f"Data file {path} is empty. Give a CSV with a `text` column or in the AG News layout.")
+        raise DataError(
+            f"Data file {path} is empty. Give a CSV with a `text` column or in the AG News layout."
+        )
     with path.open(newline="", encoding="utf-8") as handle:
         first = next(csv.reader(handle), [])
     if _looks_like_ag_news(first):
-        raw = pd.read_csv(path, header=None, names=["label", "title", "description"], dtype=str, keep_default_na=False)
-        df = pd.DataFrame({"text": [make_text(t, d) for t, d in zip(raw["title"], raw["description"])]})
+        raw = pd.read_csv(
+            path,
+            header=None,
+            names=["label", "title", "description"],
+            dtype=str,
+            keep_default_na=False,
+        )
+        df = pd.DataFrame(
+            {
+                "text": [
+                    make_text(t, d) for t, d in zip(raw["title"], raw["description"], strict=True)
+                ]
+            }
+        )
         df["label"] = _parse_labels(raw["label"], labels, path, one_based=True)
     else:
         raw = pd.read_csv(path, dtype=str, keep_default_na=False)
         if "text" not in raw.columns:
             raise DataError(
-                f"{path} has neither the AG News layout (class index, title, description; no header) nor a `text` "
-                f"column (its columns are {list(raw.columns)}). Rename the column holding the text to `text`."
+                f"{path} has neither the AG News layout (class index, title, description; no "
+                "header) nor a `text` "
+                f"column (its columns are {list(raw.columns)}). Rename the column holding the text "
+                "to `text`."
             )
         df = pd.DataFrame({"text": raw["text"].astype(str)})
         if "label" in raw.columns:
@@ -71,7 +91,9 @@ def read_text_csv(path: str | Path, labels: Sequence[str] = AG_NEWS_LABELS, requ
     return df
 
 
-def _parse_labels(column: pd.Series, labels: Sequence[str], path: Path, one_based: bool) -> pd.Series:
+def _parse_labels(
+    column: pd.Series, labels: Sequence[str], path: Path, one_based: bool
+) -> pd.Series:
     names = {name: i for i, name in enumerate(labels)}
     values: list[int] = []
     for row, raw in enumerate(column, start=1):
@@ -83,12 +105,14 @@ def _parse_labels(column: pd.Series, labels: Sequence[str], path: Path, one_base
             index = int(value) - (1 if one_based else 0)
         except ValueError:
             raise DataError(
-                f"{path}, row {row}: label {raw!r} is neither an integer nor one of {list(labels)}. Fix that row."
+                f"{path}, row {row}: label {raw!r} is neither an integer nor one of "
+                f"{list(labels)}. Fix that row."
             ) from None
         if not 0 <= index < len(labels):
             span = f"1..{len(labels)}" if one_based else f"0..{len(labels) - 1}"
             raise DataError(
-                f"{path}, row {row}: label {raw!r} is outside the label set ({span}, i.e. {list(labels)}). Fix that row."
+                f"{path}, row {row}: label {raw!r} is outside the label set ({span}, i.e. "
+                f"{list(labels)}). Fix that row."
             )
         values.append(index)
     return pd.Series(values, dtype="int64")
@@ -97,17 +121,22 @@ def _parse_labels(column: pd.Series, labels: Sequence[str], path: Path, one_base
 def load_ag_news(source: str = "local", path: str | Path = AG_NEWS_CSV) -> pd.DataFrame:
     """AG News as a DataFrame with ``text`` and ``label`` (0..3).
 
-    ``source="hub"`` loads the Hub's ``fancyzhx/ag_news`` train split (120,000 rows) and falls back to
-    the bundled 6,000 rows when the Hub cannot be reached; ``"local"`` reads the bundled file.
+    ``source="hub"`` loads the Hub's ``fancyzhx/ag_news`` train split (120,000 rows) and falls back
+    to the bundled 6,000 rows when the Hub cannot be reached; ``"local"`` reads the bundled file.
     """
     if source == "hub":
         try:
             from datasets import load_dataset
 
             hub = load_dataset(HUB_DATASET, split="train")
-            return pd.DataFrame({"text": hub["text"], "label": np.asarray(hub["label"], dtype="int64")})
+            return pd.DataFrame(
+                {"text": hub["text"], "label": np.asarray(hub["label"], dtype="int64")}
+            )
         except Exception as error:  # no network, no datasets cache: use the bundled copy
-            print(f"Could not load {HUB_DATASET} from the Hub ({type(error).__name__}); using the bundled {path}.")
+            print(
+                f"Could not load {HUB_DATASET} from the Hub ({type(error).__name__}); using the "
+                f"bundled {path}."
+            )
     elif source != "local":
         raise ValueError(f"Unknown data source {source!r}. Use 'local' or 'hub'.")
     return read_text_csv(path, require_labels=True)
@@ -127,7 +156,10 @@ def balanced_split(
     """
     for column in ("text", "label"):
         if column not in df.columns:
-            raise DataError(f"The data has no `{column}` column (columns: {list(df.columns)}). Load it with load_ag_news.")
+            raise DataError(
+                f"The data has no `{column}` column (columns: {list(df.columns)}). Load it with "
+                "load_ag_news."
+            )
     num_labels = num_labels or int(df["label"].max()) + 1
     unique = df.drop_duplicates(subset="text").reset_index(drop=True)
     wanted = train_per_class + val_per_class + test_per_class
@@ -137,7 +169,8 @@ def balanced_split(
         if len(rows) < wanted:
             raise DataError(
                 f"Class {label} has {len(rows)} unique examples but the split asks for {wanted} "
-                f"({train_per_class} train + {val_per_class} val + {test_per_class} test). Lower the per-class counts."
+                f"({train_per_class} train + {val_per_class} val + {test_per_class} test). Lower "
+                "the per-class counts."
             )
         rows = rows.sample(n=wanted, random_state=seed + label)
         parts["train"].append(rows.iloc[:train_per_class])
@@ -150,10 +183,15 @@ def balanced_split(
 
 
 def course_splits(config: CourseConfig) -> dict[str, pd.DataFrame]:
-    """The course's split for a config: its data source, per-class counts and seed (notebook 01 builds it step by step)."""
+    """The course's split for a config: its data source, per-class counts and seed (notebook 01
+    builds it step by step)."""
     return balanced_split(
-        load_ag_news(config.data_source), config.train_per_class, config.val_per_class, config.test_per_class,
-        seed=config.seed, num_labels=config.num_labels,
+        load_ag_news(config.data_source),
+        config.train_per_class,
+        config.val_per_class,
+        config.test_per_class,
+        seed=config.seed,
+        num_labels=config.num_labels,
     )
 
 
@@ -163,13 +201,16 @@ def imbalanced_subset(df: pd.DataFrame, per_class: Sequence[int], seed: int = 42
     for label, count in enumerate(per_class):
         rows = df[df["label"] == label]
         if count > len(rows):
-            raise DataError(f"Class {label} has {len(rows)} rows; cannot keep {count}. Lower its count.")
+            raise DataError(
+                f"Class {label} has {len(rows)} rows; cannot keep {count}. Lower its count."
+            )
         chunks.append(rows.sample(n=count, random_state=seed + label))
     return pd.concat(chunks).sample(frac=1.0, random_state=seed).reset_index(drop=True)
 
 
 def class_weights(labels: Sequence[int] | np.ndarray, num_labels: int) -> torch.Tensor:
-    """Normalised inverse-frequency weights: w_c proportional to 1/n_c, with mean 1 (all ones when balanced)."""
+    """Normalised inverse-frequency weights: w_c proportional to 1/n_c, with mean 1 (all ones when
+    balanced)."""
     counts = np.bincount(np.asarray(labels, dtype="int64"), minlength=num_labels)[:num_labels]
     empty = [c for c in range(num_labels) if counts[c] == 0]
     if empty:
@@ -182,7 +223,8 @@ def class_weights(labels: Sequence[int] | np.ndarray, num_labels: int) -> torch.
 
 
 def tokenize(df: pd.DataFrame, tokenizer: Any, max_length: int) -> "Any":
-    """A ``datasets.Dataset`` with input_ids, attention_mask (unpadded, truncated) and labels when present."""
+    """A ``datasets.Dataset`` with input_ids, attention_mask (unpadded, truncated) and labels when
+    present."""
     from datasets import Dataset
 
     columns = ["text"] + (["label"] if "label" in df.columns else [])

@@ -1,4 +1,5 @@
-"""Small file utilities: atomic writes (a crash leaves the old file or the new one, never half of one).
+"""Small file utilities: atomic writes (a crash leaves the old file or the new one, never half of
+one).
 
 Used by helpers.train, helpers.merging and helpers.config; notebook 07 uses ``atomic_directory``.
 """
@@ -18,7 +19,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def cache_dir() -> Path:
-    """Where converted models live: ``$COURSE_CACHE``, else ``.cache/`` in the checkout (git-ignored)."""
+    """Where converted models live: ``$COURSE_CACHE``, else ``.cache/`` in the checkout
+    (git-ignored)."""
     env = os.environ.get("COURSE_CACHE")
     if env:
         return Path(env)
@@ -49,7 +51,8 @@ def atomic_write_json(path: str | Path, data: Any) -> Path:
 
 @contextlib.contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``path`` in one rename, on error it is removed."""
+    """Yield a temporary sibling folder; on success it replaces ``path`` in one rename, on error it
+    is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))

@@ -1,16 +1,18 @@
-"""Will it fit? Estimate peak memory of a QLoRA run from the model's config, before loading any weights.
+"""Will it fit? Estimate peak memory of a QLoRA run from the model's config, before loading any
+weights.
 
 Explained in the README ("Will it fit?"); ``load_classifier`` calls ``warn_if_too_big`` on GPUs, and
 ``scripts/gpu_smoke.py`` prints the estimate next to the measured peak.
 
 The estimate adds four parts:
 
-* **parameters**: quantized linear layers at 0.5 byte per weight plus NF4 double-quantization constants,
-  everything else (embeddings, norms, the score head) in the load precision;
-* **LoRA**: adapter weights, their gradients and two Adam moments, all fp32 (16 bytes per trainable weight);
-* **activations** kept for the backward pass: per token and layer about ``16h + 4kv + 5i`` values (hidden size
-  h, key/value width kv, MLP width i; the LoRA dropout copies included); with gradient checkpointing only
-  each layer's input plus one layer's worth;
+* **parameters**: quantized linear layers at 0.5 byte per weight plus NF4 double-quantization
+  constants, everything else (embeddings, norms, the score head) in the load precision;
+* **LoRA**: adapter weights, their gradients and two Adam moments, all fp32 (16 bytes per trainable
+  weight);
+* **activations** kept for the backward pass: per token and layer about ``16h + 4kv + 5i`` values
+  (hidden size h, key/value width kv, MLP width i; the LoRA dropout copies included); with gradient
+  checkpointing only each layer's input plus one layer's worth;
 * a fixed **overhead** for the CUDA context and the allocator's cache (0 on the CPU).
 """
 
@@ -23,18 +25,31 @@ from typing import Any
 import torch
 
 from helpers.config import CourseConfig
+from helpers.hardware import gpu_available, gpu_memory
 
 GiB = 2**30
-# NF4 with double quantization: 4 bits a weight, an 8-bit absmax a block of 64, an fp32 constant a 256 blocks
+# NF4 with double quantization: 4 bits a weight, an 8-bit absmax a block of 64, an fp32 constant a
+# 256 blocks
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
-CUDA_OVERHEAD_BYTES = int(0.6 * GiB)  # context and allocator slack measured on typical GPUs is 0.3-1 GiB
+# context and allocator slack measured on typical GPUs is 0.3-1 GiB
+CUDA_OVERHEAD_BYTES = int(0.6 * GiB)
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-# Meta-Llama-3-8B's config.json (the fields the estimate and scripts/gpu_smoke.py need), for offline use
+# Meta-Llama-3-8B's config.json (the fields the estimate and scripts/gpu_smoke.py need), for offline
+# use
 LLAMA3_8B_SHAPE: dict[str, Any] = {
-    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-    "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192, "rope_theta": 500000.0,
-    "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128001,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
 }
 
 
@@ -50,16 +65,27 @@ class MemoryEstimate:
         return self.parameters + self.lora_and_optimizer + self.activations + self.overhead
 
     def gib(self) -> dict[str, float]:
-        return {**{k: round(v / GiB, 3) for k, v in asdict(self).items()}, "total": round(self.total / GiB, 3)}
+        return {
+            **{k: round(v / GiB, 3) for k, v in asdict(self).items()},
+            "total": round(self.total / GiB, 3),
+        }
 
 
 def _shape(model_config: Any) -> dict[str, int]:
-    get = model_config.get if isinstance(model_config, dict) else lambda k, d=None: getattr(model_config, k, d)
+    get = (
+        model_config.get
+        if isinstance(model_config, dict)
+        else lambda k, d=None: getattr(model_config, k, d)
+    )
     hidden, heads = get("hidden_size"), get("num_attention_heads")
     head_dim = get("head_dim") or hidden // heads
     return {
-        "h": hidden, "i": get("intermediate_size"), "layers": get("num_hidden_layers"), "vocab": get("vocab_size"),
-        "q": heads * head_dim, "kv": (get("num_key_value_heads") or heads) * head_dim,
+        "h": hidden,
+        "i": get("intermediate_size"),
+        "layers": get("num_hidden_layers"),
+        "vocab": get("vocab_size"),
+        "q": heads * head_dim,
+        "kv": (get("num_key_value_heads") or heads) * head_dim,
     }
 
 
@@ -67,13 +93,19 @@ def linear_shapes(model_config: Any) -> dict[str, tuple[int, int]]:
     """(in, out) of each linear layer in one decoder layer of a Llama-architecture model."""
     s = _shape(model_config)
     return {
-        "q_proj": (s["h"], s["q"]), "k_proj": (s["h"], s["kv"]), "v_proj": (s["h"], s["kv"]), "o_proj": (s["q"], s["h"]),
-        "gate_proj": (s["h"], s["i"]), "up_proj": (s["h"], s["i"]), "down_proj": (s["i"], s["h"]),
+        "q_proj": (s["h"], s["q"]),
+        "k_proj": (s["h"], s["kv"]),
+        "v_proj": (s["h"], s["kv"]),
+        "o_proj": (s["q"], s["h"]),
+        "gate_proj": (s["h"], s["i"]),
+        "up_proj": (s["h"], s["i"]),
+        "down_proj": (s["i"], s["h"]),
     }
 
 
 def parameter_counts(model_config: Any, num_labels: int) -> dict[str, int]:
-    """Weights of a Llama sequence classifier: ``linear`` (quantizable) and ``other`` (embeddings, norms, head)."""
+    """Weights of a Llama sequence classifier: ``linear`` (quantizable) and ``other`` (embeddings,
+    norms, head)."""
     s = _shape(model_config)
     linear = s["layers"] * sum(i * o for i, o in linear_shapes(model_config).values())
     other = s["vocab"] * s["h"] + (2 * s["layers"] + 1) * s["h"] + s["h"] * num_labels
@@ -81,10 +113,21 @@ def parameter_counts(model_config: Any, num_labels: int) -> dict[str, int]:
 
 
 def lora_parameters(model_config: Any, config: CourseConfig) -> int:
-    """Trainable weights: LoRA A and B on the target layers, plus the trainable copy of the score head."""
-    targets = LINEAR_NAMES if config.lora_target_modules == "all-linear" else tuple(config.lora_target_modules)
-    per_layer = sum(config.lora_r * (i + o) for name, (i, o) in linear_shapes(model_config).items() if name in targets)
-    return _shape(model_config)["layers"] * per_layer + _shape(model_config)["h"] * config.num_labels
+    """Trainable weights: LoRA A and B on the target layers, plus the trainable copy of the score
+    head."""
+    targets = (
+        LINEAR_NAMES
+        if config.lora_target_modules == "all-linear"
+        else tuple(config.lora_target_modules)
+    )
+    per_layer = sum(
+        config.lora_r * (i + o)
+        for name, (i, o) in linear_shapes(model_config).items()
+        if name in targets
+    )
+    return (
+        _shape(model_config)["layers"] * per_layer + _shape(model_config)["h"] * config.num_labels
+    )
 
 
 def estimate_memory(
@@ -95,13 +138,16 @@ def estimate_memory(
     training: bool = True,
     on_gpu: bool | None = None,
 ) -> MemoryEstimate:
-    """Peak memory of loading (``training=False``) or QLoRA-training ``model_config`` with ``config``'s settings.
+    """Peak memory of loading (``training=False``) or QLoRA-training ``model_config`` with
+    ``config``'s settings.
 
-    ``bits``: 4 (NF4), 16 or 32 for the linear layers; ``dtype``: precision of everything not quantized
-    (default: 16-bit on a GPU, fp32 on the CPU, as ``compute_dtype()`` picks).
+    ``bits``: 4 (NF4), 16 or 32 for the linear layers; ``dtype``: precision of everything not
+    quantized (default: 16-bit on a GPU, fp32 on the CPU, as ``helpers.hardware.compute_dtype``
+    picks).
     """
-    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
-    dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)  # fp16 on older GPUs: the same 2 bytes
+    on_gpu = gpu_available() if on_gpu is None else on_gpu
+    # fp16 on older GPUs: the same 2 bytes
+    dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
     element = torch.tensor([], dtype=dtype).element_size()
     counts = parameter_counts(model_config, config.num_labels)
     linear_bytes = {4: NF4_BYTES_PER_WEIGHT, 16: 2, 32: 4}[bits]
@@ -123,31 +169,45 @@ def suggestions(config: CourseConfig) -> list[str]:
     """Settings that lower the peak, cheapest first."""
     tips = []
     if not config.gradient_checkpointing:
-        tips.append("gradient_checkpointing=True (activations shrink to about one layer's worth, ~30% slower)")
+        tips.append(
+            "gradient_checkpointing=True (activations shrink to about one layer's worth, ~30% "
+            "slower)"
+        )
     if config.batch_size > 1:
-        tips.append(f"batch_size={config.batch_size // 2} with gradient_accumulation_steps="
-                    f"{config.gradient_accumulation_steps * 2} (same effective batch)")
+        tips.append(
+            f"batch_size={config.batch_size // 2} with gradient_accumulation_steps="
+            f"{config.gradient_accumulation_steps * 2} (same effective batch)"
+        )
     if config.max_length > 64:
-        tips.append(f"max_length={config.max_length // 2} if your texts are short (see notebook 01's token lengths)")
+        tips.append(
+            f"max_length={config.max_length // 2} if your texts are short (see notebook 01's token "
+            "lengths)"
+        )
     if not config.load_in_4bit:
         tips.append("load_in_4bit=True (linear weights take a quarter of 16-bit memory)")
     return tips
 
 
-def warn_if_too_big(config: CourseConfig, model_config: Any, available_bytes: int | None = None) -> MemoryEstimate | None:
+def warn_if_too_big(
+    config: CourseConfig, model_config: Any, available_bytes: int | None = None
+) -> MemoryEstimate | None:
     """Warn, before loading, when the estimated training peak exceeds 90% of the GPU's memory.
 
     Returns the estimate, or None on a machine without a GPU (and no ``available_bytes`` given).
     """
     if available_bytes is None:
-        if not torch.cuda.is_available():
+        memory = gpu_memory()
+        if memory is None:
             return None
-        available_bytes = torch.cuda.mem_get_info()[1]
-    estimate = estimate_memory(config, model_config, bits=4 if config.load_in_4bit else 16, on_gpu=True)
+        available_bytes = memory[1]
+    estimate = estimate_memory(
+        config, model_config, bits=4 if config.load_in_4bit else 16, on_gpu=True
+    )
     if estimate.total > 0.9 * available_bytes:
         warnings.warn(
-            f"This run needs about {estimate.total / GiB:.1f} GiB ({estimate.gib()}) but the GPU has "
-            f"{available_bytes / GiB:.1f} GiB: it will likely run out of memory. Try: " + "; ".join(suggestions(config)),
+            f"This run needs about {estimate.total / GiB:.1f} GiB ({estimate.gib()}) but the GPU "
+            f"has {available_bytes / GiB:.1f} GiB: it will likely run out of memory. Try: "
+            + "; ".join(suggestions(config)),
             stacklevel=2,
         )
     return estimate

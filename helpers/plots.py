@@ -1,8 +1,8 @@
 """Plots: class distribution, token lengths, training curves, confusion matrix.
 
-Taught in notebook 01 (distribution, lengths), 06 (curves) and 07 (confusion matrix); used by ``helpers.train``.
-Each function returns a matplotlib Figure (outside pyplot, so a notebook shows it once, as the cell's value)
-and saves it as PNG when given a path.
+Taught in notebook 01 (distribution, lengths), 06 (curves) and 07 (confusion matrix); used by
+``helpers.train``. Each function returns a matplotlib Figure (outside pyplot, so a notebook shows it
+once, as the cell's value) and saves it as PNG when given a path.
 """
 
 from __future__ import annotations
@@ -24,10 +24,13 @@ def _finish(fig: Figure, path: str | Path | None) -> Figure:
     return fig
 
 
-def plot_class_distribution(splits: dict[str, pd.DataFrame], names: Sequence[str], path: str | Path | None = None) -> Figure:
+def plot_class_distribution(
+    splits: dict[str, pd.DataFrame], names: Sequence[str], path: str | Path | None = None
+) -> Figure:
     """Bar chart of examples per class in each split."""
     counts = pd.DataFrame(
-        {split: np.bincount(df["label"], minlength=len(names)) for split, df in splits.items()}, index=list(names)
+        {split: np.bincount(df["label"], minlength=len(names)) for split, df in splits.items()},
+        index=list(names),
     )
     fig = Figure(figsize=(6, 3.5))
     ax = fig.subplots()
@@ -37,7 +40,9 @@ def plot_class_distribution(splits: dict[str, pd.DataFrame], names: Sequence[str
     return _finish(fig, path)
 
 
-def plot_token_lengths(lengths: Sequence[int], max_length: int | None = None, path: str | Path | None = None) -> Figure:
+def plot_token_lengths(
+    lengths: Sequence[int], max_length: int | None = None, path: str | Path | None = None
+) -> Figure:
     """Histogram of lengths in tokens, with the truncation length marked."""
     fig = Figure(figsize=(6, 3.5))
     ax = fig.subplots()
@@ -51,19 +56,29 @@ def plot_token_lengths(lengths: Sequence[int], max_length: int | None = None, pa
     return _finish(fig, path)
 
 
-def plot_training_curves(log_history: Sequence[dict[str, Any]], path: str | Path | None = None) -> Figure:
-    """Training loss by step, and evaluation loss and metrics where the log has them (Trainer.state.log_history)."""
+def plot_training_curves(
+    log_history: Sequence[dict[str, Any]], path: str | Path | None = None
+) -> Figure:
+    """Training loss by step, and evaluation loss and metrics where the log has them
+    (Trainer.state.log_history)."""
     train = [(row["step"], row["loss"]) for row in log_history if "loss" in row]
     evals = [row for row in log_history if "eval_loss" in row]
     fig = Figure(figsize=(10, 3.5))
     left, right = fig.subplots(1, 2)
     if train:
-        left.plot(*zip(*train), label="train loss")
+        left.plot(*zip(*train, strict=True), label="train loss")
     if evals:
-        left.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="val loss")
+        left.plot(
+            [r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="val loss"
+        )
         for key in ("eval_accuracy", "eval_macro_f1"):
             if key in evals[0]:
-                right.plot([r["step"] for r in evals], [r[key] for r in evals], "o-", label=key.removeprefix("eval_"))
+                right.plot(
+                    [r["step"] for r in evals],
+                    [r[key] for r in evals],
+                    "o-",
+                    label=key.removeprefix("eval_"),
+                )
     left.set_xlabel("step")
     left.set_title("Loss")
     left.legend()
@@ -75,7 +90,9 @@ def plot_training_curves(log_history: Sequence[dict[str, Any]], path: str | Path
     return _finish(fig, path)
 
 
-def plot_confusion_matrix(matrix: pd.DataFrame | np.ndarray, names: Sequence[str], path: str | Path | None = None) -> Figure:
+def plot_confusion_matrix(
+    matrix: pd.DataFrame | np.ndarray, names: Sequence[str], path: str | Path | None = None
+) -> Figure:
     """Heat map of a confusion matrix (rows: true label, columns: predicted label)."""
     values = np.asarray(matrix)
     fig = Figure(figsize=(4.5, 4))

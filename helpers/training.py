@@ -5,35 +5,34 @@ Taught in notebook 06 (training); used by ``helpers.train``.
 
 from __future__ import annotations
 
-import contextlib
-import resource
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 from transformers import Trainer, TrainingArguments
 
 from helpers.config import CourseConfig
-from helpers.modeling import cpu_has_fast_bf16, gpu_has_fast_bf16
+from helpers.evaluation import classification_metrics
+from helpers.hardware import device, mixed_precision
 
 
 class CourseTrainer(Trainer):
     """The Trainer, leaving the model as it found it: in its own precision once ``train()`` returns.
 
-    Under bf16/fp16 mixed precision, accelerate wraps ``model.forward`` in autocast and the Trainer leaves
-    the wrapper on, so anything run with the model after training (an evaluation, generation) would run in
-    16-bit while the saved adapter, reloaded, runs in the model's precision. Base of ``WeightedLossTrainer``
-    (``helpers.train``) and ``ResponseLossTrainer`` (notebook 08).
+    Under bf16/fp16 mixed precision, accelerate wraps ``model.forward`` in autocast and the Trainer
+    leaves the wrapper on, so anything run with the model after training (an evaluation, generation)
+    would run in 16-bit while the saved adapter, reloaded, runs in the model's precision. Base of
+    ``WeightedLossTrainer`` (``helpers.train``) and ``ResponseLossTrainer`` (notebook 08).
     """
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().train(*args, **kwargs)
         finally:
-            self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)  # drops the autocast wrapper
+            # drops the autocast wrapper
+            self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
 
 
 class WeightedLossTrainer(CourseTrainer):
@@ -42,7 +41,9 @@ class WeightedLossTrainer(CourseTrainer):
     # our loss is a per-batch mean, so the Trainer must still divide it by the accumulation steps
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args: Any, class_weights: torch.Tensor | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, class_weights: torch.Tensor | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.class_weights = class_weights
 
@@ -61,16 +62,6 @@ class WeightedLossTrainer(CourseTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def classification_metrics(labels: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
-    """Accuracy, balanced accuracy and macro-F1."""
-    return {
-        "accuracy": float(accuracy_score(labels, predictions)),
-        "balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),
-        # over the true classes only: a generative answer naming no label (-1) is an error, not a fifth class
-        "macro_f1": float(f1_score(labels, predictions, labels=np.unique(labels), average="macro", zero_division=0)),
-    }
-
-
 def compute_metrics(eval_pred: Any) -> dict[str, float]:
     """For ``Trainer(compute_metrics=...)``: metrics from (logits, labels)."""
     logits, labels = eval_pred
@@ -78,21 +69,11 @@ def compute_metrics(eval_pred: Any) -> dict[str, float]:
     return classification_metrics(np.asarray(labels), np.asarray(logits).argmax(axis=-1))
 
 
-def mixed_precision() -> dict[str, bool]:
-    """Trainer precision flags: bf16 where the GPU supports it, fp16 on older GPUs; on the CPU, bf16 autocast
-    where it is native (AVX512-BF16 or AMX), else neither.
-
-    On the CPU the LoRA weights, optimizer state and 4-bit de-quantization stay fp32; autocast runs the matrix
-    products in bf16 (step times: ``python scripts/cpu_speed_choices.py``).
-    """
-    if not torch.cuda.is_available():
-        return {"bf16": cpu_has_fast_bf16(), "fp16": False}
-    bf16 = gpu_has_fast_bf16()
-    return {"bf16": bf16, "fp16": not bf16}
-
-
-def training_arguments(config: CourseConfig, output_dir: str | Path, **overrides: Any) -> TrainingArguments:
-    """TrainingArguments for the course: length-grouped batches, seeded, evaluation each epoch, no Hub reporting."""
+def training_arguments(
+    config: CourseConfig, output_dir: str | Path, **overrides: Any
+) -> TrainingArguments:
+    """TrainingArguments for the course: length-grouped batches, seeded, evaluation each epoch, no
+    Hub reporting."""
     values: dict[str, Any] = {
         "output_dir": str(output_dir),
         "learning_rate": config.learning_rate,
@@ -103,10 +84,12 @@ def training_arguments(config: CourseConfig, output_dir: str | Path, **overrides
         "per_device_eval_batch_size": config.eval_batch_size,
         "gradient_accumulation_steps": config.gradient_accumulation_steps,
         "lr_scheduler_type": "linear",
-        # batches of similar length waste little compute on padding (transformers 5 name of group_by_length)
+        # batches of similar length waste little compute on padding (transformers 5 name of
+        # group_by_length)
         "train_sampling_strategy": "group_by_length",
         "eval_strategy": "epoch",
-        # checkpoints (adapter, head, optimizer, RNG state) so an interrupted run can resume; the last two kept
+        # checkpoints (adapter, head, optimizer, RNG state) so an interrupted run can resume; the
+        # last two kept
         "save_strategy": "steps",
         "save_steps": config.save_steps,
         "save_total_limit": 2,
@@ -116,23 +99,26 @@ def training_arguments(config: CourseConfig, output_dir: str | Path, **overrides
         "data_seed": config.seed,
         "report_to": "none",
         "dataloader_num_workers": 0,
-        "ddp_find_unused_parameters": False,
-        "use_cpu": not torch.cuda.is_available(),  # several CPU processes then train with DDP over gloo  # under `accelerate launch`: every LoRA weight gets a gradient
-        **mixed_precision(),
+        "ddp_find_unused_parameters": False,  # every LoRA weight gets a gradient
+        # on the CPU, `accelerate launch` trains several processes with DDP over gloo
+        "use_cpu": device().value.type == "cpu",
+        **mixed_precision().value,
     }
     values.update(overrides)
     return TrainingArguments(**values)
 
 
 class RunFolderError(RuntimeError):
-    """A run folder that cannot be used as asked; the message names the fix (--resume, --overwrite, a new folder)."""
+    """A run folder that cannot be used as asked; the message names the fix (--resume, --overwrite,
+    a new folder)."""
 
 
 def last_checkpoint(folder: str | Path) -> Path | None:
     """The newest *complete* ``checkpoint-N`` in ``folder`` (or None).
 
-    The Trainer writes ``trainer_state.json`` last, so a checkpoint without it was cut off mid-save (a killed
-    process) and is skipped with a warning; resuming from it would fail. Taught in notebook 06.
+    The Trainer writes ``trainer_state.json`` last, so a checkpoint without it was cut off mid-save
+    (a killed process) and is skipped with a warning; resuming from it would fail. Taught in
+    notebook 06.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -145,16 +131,21 @@ def last_checkpoint(folder: str | Path) -> Path | None:
     for _, path in reversed(found):
         if (path / "trainer_state.json").is_file():
             return path
-        warnings.warn(f"{path} is incomplete (the process stopped while saving it); using an earlier checkpoint.",
-                      stacklevel=2)
+        warnings.warn(
+            f"{path} is incomplete (the process stopped while saving it); using an earlier "
+            "checkpoint.",
+            stacklevel=2,
+        )
     return None
 
 
 def mean_training_loss(log_history: list[dict[str, Any]]) -> float:
-    """Mean training loss over all steps, from the Trainer's log (which a resumed run restores in full).
+    """Mean training loss over all steps, from the Trainer's log (which a resumed run restores in
+    full).
 
-    Each logged ``loss`` averages the steps since the previous log. ``train()``'s own ``training_loss``
-    counts only the steps of the current process, so it differs after ``--resume``.
+    Each logged ``loss`` averages the steps since the previous log. ``train()``'s own
+    ``training_loss`` counts only the steps of the current process, so it differs after
+    ``--resume``.
     """
     total, previous = 0.0, 0
     for row in log_history:
@@ -164,24 +155,3 @@ def mean_training_loss(log_history: list[dict[str, Any]]) -> float:
     if previous == 0:
         raise ValueError("The log holds no training loss: was the model trained?")
     return total / previous
-
-
-def reset_peak_memory() -> None:
-    """Start a new peak: torch's counter on a GPU, the kernel's peak RSS (VmHWM) on Linux CPUs."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        return
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")  # "5" resets the peak resident set size
-
-
-def peak_memory_mb() -> float:
-    """Peak memory since the start or ``reset_peak_memory()``: GPU memory allocated by torch on a GPU, the
-    process's peak RSS on the CPU."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

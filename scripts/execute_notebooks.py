@@ -1,6 +1,6 @@
 """Execute the course notebooks in place, so the committed outputs are those of a real run.
 
-    python scripts/execute_notebooks.py [NOTEBOOK ...]      (default: every notebooks/NN_*.ipynb, in order)
+    python scripts/execute_notebooks.py [NOTEBOOK ...]   (default: every notebooks/NN_*.ipynb)
 
 Run it on the offline profile (COURSE_PROFILE=smollm2-cpu) before committing notebooks: the tests
 (pytest --nbval) compare the checked outputs against these.
@@ -23,8 +23,12 @@ def main(paths: list[str]) -> int:
     for path in notebooks:
         start = time.perf_counter()
         notebook = nbformat.read(path, as_version=4)
-        NotebookClient(notebook, timeout=1800, kernel_name="python3",
-                       resources={"metadata": {"path": str(path.parent)}}).execute()
+        NotebookClient(
+            notebook,
+            timeout=1800,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(path.parent)}},
+        ).execute()
         nbformat.write(notebook, path)
         print(f"{path.name}: {time.perf_counter() - start:.0f} s")
     return 0

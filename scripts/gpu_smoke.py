@@ -1,13 +1,14 @@
-"""GPU smoke run: a Llama model of the Llama 3 8B shape, random weights, through the course's own code.
+"""GPU smoke run: a Llama 3 8B-shaped model, random weights, through the course's own code.
 
     python scripts/gpu_smoke.py [--steps 5] [--batch-size 8] [--max-length 128] [--output FILE.json]
-    python scripts/gpu_smoke.py --tiny      # the same path with a 2-layer model, on any machine (CI runs it)
+    python scripts/gpu_smoke.py --tiny   # the same path with a 2-layer model, on any machine
 
-No download: the model is built from Meta-Llama-3-8B's config (``helpers.memory.LLAMA3_8B_SHAPE``) with random
-weights, saved once as safetensors, then loaded in 4-bit by ``helpers.modeling.load_classifier`` exactly as the
-``llama3-8b`` profile does. A few QLoRA steps with the course's ``WeightedLossTrainer`` and one evaluation batch
-follow; the script prints tokens/s, peak memory and the memory estimate of ``helpers.memory``. The tokenizer is
-the bundled SmolLM2 one (its ids fit the Llama 3 vocabulary); speed and memory do not depend on which.
+No download: the model is built from Meta-Llama-3-8B's config (``helpers.memory.LLAMA3_8B_SHAPE``)
+with random weights, saved once as safetensors, then loaded in 4-bit by
+``helpers.modeling.load_classifier`` exactly as the ``llama3-8b`` profile does. A few QLoRA steps
+with the course's ``WeightedLossTrainer`` and one evaluation batch follow; the script prints
+tokens/s, peak memory and the memory estimate of ``helpers.memory``. The tokenizer is the bundled
+SmolLM2 one (its ids fit the Llama 3 vocabulary); speed and memory do not depend on which.
 """
 
 from __future__ import annotations
@@ -19,74 +20,118 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, LlamaConfig, set_seed
+from transformers import (
+    AutoModelForSequenceClassification,
+    DataCollatorWithPadding,
+    LlamaConfig,
+    set_seed,
+)
 
 from helpers.config import load_config
 from helpers.data import balanced_split, load_ag_news, tokenize
 from helpers.evaluation import predict_logits
+from helpers.hardware import compute_dtype, device, hardware_name, peak_memory_mb, reset_peak_memory
 from helpers.memory import LLAMA3_8B_SHAPE, estimate_memory
-from helpers.modeling import add_lora, compute_dtype, load_classifier, load_tokenizer, resolve_model
-from helpers.training import WeightedLossTrainer, peak_memory_mb, reset_peak_memory, training_arguments
+from helpers.modeling import add_lora, load_classifier, load_tokenizer, resolve_model
+from helpers.training import WeightedLossTrainer, training_arguments
 
-TINY_SHAPE = {**LLAMA3_8B_SHAPE, "hidden_size": 128, "intermediate_size": 448, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 1, "vocab_size": 49152,
-              "bos_token_id": 1, "eos_token_id": 2}
+TINY_SHAPE = {
+    **LLAMA3_8B_SHAPE,
+    "hidden_size": 128,
+    "intermediate_size": 448,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "vocab_size": 49152,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
 
 
 def build_random_model(shape: dict, folder: Path, num_labels: int) -> Path:
-    """Random weights of ``shape`` saved as a local model folder (built on the GPU when there is one)."""
+    """Random weights of ``shape`` saved as a local model folder (built on the GPU when there is
+    one)."""
     config = LlamaConfig(**shape, num_labels=num_labels, pad_token_id=2)
     torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+    with device().value:
         model = AutoModelForSequenceClassification.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(folder)
     load_tokenizer(resolve_model("smollm2")).save_pretrained(folder)
     del model
-    if torch.cuda.is_available():
+    if device().value.type == "cuda":
         torch.cuda.empty_cache()
     return folder
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="a 2-layer model of the same architecture (CPU test)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="a 2-layer model of the same architecture (CPU test)"
+    )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--output", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     shape = TINY_SHAPE if args.tiny else LLAMA3_8B_SHAPE
-    config = load_config("llama3-8b", model_name="unused", batch_size=args.batch_size, max_length=args.max_length,
-                         gradient_checkpointing=True, logging_steps=1)
+    config = load_config(
+        "llama3-8b",
+        model_name="unused",
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        gradient_checkpointing=True,
+        logging_steps=1,
+    )
     set_seed(config.seed)
     with tempfile.TemporaryDirectory(prefix="llama3-shape-") as tmp:
         start = time.perf_counter()
         folder = build_random_model(shape, Path(tmp) / "model", config.num_labels)
         print(f"built and saved random weights in {time.perf_counter() - start:.0f} s")
         reset_peak_memory()
-        model, tokenizer = load_classifier(config, name=str(folder))  # 4-bit NF4, as the llama3-8b profile
+        # 4-bit NF4, as the llama3-8b profile
+        model, tokenizer = load_classifier(config, name=str(folder))
         loaded_mb = peak_memory_mb()
         model = add_lora(model, config)
-        rows = balanced_split(load_ag_news(), args.steps * args.batch_size // config.num_labels + 1, 1, 1, seed=0)
+        rows = balanced_split(
+            load_ag_news(), args.steps * args.batch_size // config.num_labels + 1, 1, 1, seed=0
+        )
         trainer = WeightedLossTrainer(
             model=model,
-            args=training_arguments(config, Path(tmp) / "trainer", max_steps=args.steps, eval_strategy="no",
-                                    save_strategy="no"),
+            args=training_arguments(
+                config,
+                Path(tmp) / "trainer",
+                max_steps=args.steps,
+                eval_strategy="no",
+                save_strategy="no",
+            ),
             train_dataset=tokenize(rows["train"], tokenizer, config.max_length),
             data_collator=DataCollatorWithPadding(tokenizer),
         )
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
-        tokens = sum(min(len(ids), config.max_length) for ids in tokenizer(rows["train"]["text"].tolist())["input_ids"])
-        tokens = tokens * args.steps * args.batch_size / len(rows["train"])  # the tokens of the steps taken
-        logits = predict_logits(model, tokenizer, rows["train"]["text"].tolist()[:32], 32, config.max_length, progress=False)
+        tokens = sum(
+            min(len(ids), config.max_length)
+            for ids in tokenizer(rows["train"]["text"].tolist())["input_ids"]
+        )
+        # the tokens of the steps taken
+        tokens = tokens * args.steps * args.batch_size / len(rows["train"])
+        logits = predict_logits(
+            model,
+            tokenizer,
+            rows["train"]["text"].tolist()[:32],
+            32,
+            config.max_length,
+            progress=False,
+        )
         estimate = estimate_memory(config, shape, bits=4)
     figures = {
-        "hardware": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
+        "hardware": hardware_name(),
         "shape": "tiny" if args.tiny else "Llama 3 8B",
-        "compute_dtype": str(compute_dtype()).removeprefix("torch."),
-        "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
+        "compute_dtype": str(compute_dtype().value).removeprefix("torch."),
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
         "train_tokens_per_second": round(tokens / seconds, 1),
         "loaded_peak_memory_mb": round(loaded_mb, 1),
         "train_peak_memory_mb": round(peak_memory_mb(), 1),

@@ -4,8 +4,16 @@ import pytest
 import torch
 
 from helpers.data import (
-    AG_NEWS_CSV, DataError, balanced_split, class_weights, imbalanced_subset, load_ag_news, make_text,
-    read_text_csv, token_length_stats, tokenize,
+    AG_NEWS_CSV,
+    DataError,
+    balanced_split,
+    class_weights,
+    imbalanced_subset,
+    load_ag_news,
+    make_text,
+    read_text_csv,
+    token_length_stats,
+    tokenize,
 )
 
 
@@ -48,7 +56,10 @@ def test_class_weights_are_normalised_inverse_frequency():
     weights = class_weights([0] * 80 + [1] * 10 + [2] * 5 + [3] * 5, 4)
     inverse = np.array([1 / 80, 1 / 10, 1 / 5, 1 / 5])
     assert torch.allclose(weights, torch.tensor(inverse / inverse.mean(), dtype=torch.float32))
-    assert weights.mean().item() == pytest.approx(1.0) and weights[3] == weights[2] > weights[1] > weights[0]
+    assert (
+        weights.mean().item() == pytest.approx(1.0)
+        and weights[3] == weights[2] > weights[1] > weights[0]
+    )
     with pytest.raises(DataError, match=r"Class\(es\) \[2\] have no training examples"):
         class_weights([0, 1, 3], 4)
 
@@ -99,6 +110,8 @@ def test_tokenize_truncates_and_reports_lengths(ag_news, cpu_config):
 def test_course_splits_follow_the_config(cpu_config):
     from helpers.data import course_splits
 
-    splits = course_splits(cpu_config.replace(train_per_class=7, val_per_class=2, test_per_class=3, seed=5))
+    splits = course_splits(
+        cpu_config.replace(train_per_class=7, val_per_class=2, test_per_class=3, seed=5)
+    )
     assert {k: len(v) for k, v in splits.items()} == {"train": 28, "val": 8, "test": 12}
     assert splits["test"].equals(balanced_split(load_ag_news(), 7, 2, 3, seed=5)["test"])

@@ -4,9 +4,19 @@ import time
 import pytest
 import torch
 
+from helpers.hardware import compute_dtype
 from helpers.modeling import (
-    ModelError, add_lora, bnb_config, bundled_gguf_path, compute_dtype, is_4bit, load_classifier, load_tokenizer,
-    lora_config, memory_footprint_mb, resolve_model, trainable_parameters,
+    ModelError,
+    add_lora,
+    bnb_config,
+    bundled_gguf_path,
+    is_4bit,
+    load_classifier,
+    load_tokenizer,
+    lora_config,
+    memory_footprint_mb,
+    resolve_model,
+    trainable_parameters,
 )
 
 
@@ -29,13 +39,20 @@ def test_tokenizer_pads_right_with_a_pad_token(cpu_config):
     tokenizer = load_tokenizer(resolve_model(cpu_config.model_name))
     batch = tokenizer(["short", "a somewhat longer text"], padding=True)
     assert tokenizer.padding_side == "right" and tokenizer.pad_token_id is not None
-    assert batch["attention_mask"][0][-1] == 0 and batch["input_ids"][0][-1] == tokenizer.pad_token_id
+    assert (
+        batch["attention_mask"][0][-1] == 0 and batch["input_ids"][0][-1] == tokenizer.pad_token_id
+    )
 
 
 def test_nf4_config_and_cpu_precision():
     config = bnb_config()
-    assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
-    assert compute_dtype() == torch.float32  # on this CPU (bf16 compute measured ~20x slower)
+    assert (
+        config.load_in_4bit
+        and config.bnb_4bit_quant_type == "nf4"
+        and config.bnb_4bit_use_double_quant
+    )
+    # on a CPU: bitsandbytes trains slowly with bf16 compute
+    assert compute_dtype().value == torch.float32
     assert config.bnb_4bit_compute_dtype == torch.float32
 
 
@@ -46,11 +63,16 @@ def test_4bit_classifier_has_a_new_head_and_pad_token(classifier_4bit, cpu_confi
     assert model.score.weight.shape == (4, model.config.hidden_size)
     assert model.config.pad_token_id == tokenizer.pad_token_id
     assert model.config.id2label[1] == "Sports"
-    assert not any(p.requires_grad for p in model.parameters())  # prepare_model_for_kbit_training froze the base
+    # prepare_model_for_kbit_training froze the base
+    assert not any(p.requires_grad for p in model.parameters())
     fp32, _ = load_classifier(cpu_config, load_in_4bit=False)
     assert not is_4bit(fp32)
     assert memory_footprint_mb(model) < 0.4 * memory_footprint_mb(fp32)
-    inputs = tokenizer(["Stocks fell sharply.", "The team won the cup final on Sunday."], padding=True, return_tensors="pt")
+    inputs = tokenizer(
+        ["Stocks fell sharply.", "The team won the cup final on Sunday."],
+        padding=True,
+        return_tensors="pt",
+    )
     assert model(**inputs).logits.shape == (2, 4)
 
 
@@ -59,16 +81,25 @@ def test_lora_trains_adapters_and_the_score_head(cpu_config):
     peft_model = add_lora(model, cpu_config)
     counts = trainable_parameters(peft_model)
     trainable = [name for name, p in peft_model.named_parameters() if p.requires_grad]
-    assert any("score" in name for name in trainable) and any("lora_A" in name for name in trainable)
+    assert any("score" in name for name in trainable) and any(
+        "lora_A" in name for name in trainable
+    )
     assert 0 < counts["percent"] < 10
-    attention_only, _ = load_classifier(cpu_config.replace(lora_target_modules=["q_proj", "v_proj"]))
-    fewer = trainable_parameters(add_lora(attention_only, cpu_config.replace(lora_target_modules=["q_proj", "v_proj"])))
+    attention_only, _ = load_classifier(
+        cpu_config.replace(lora_target_modules=["q_proj", "v_proj"])
+    )
+    fewer = trainable_parameters(
+        add_lora(attention_only, cpu_config.replace(lora_target_modules=["q_proj", "v_proj"]))
+    )
     assert fewer["trainable"] < counts["trainable"]
     assert lora_config(cpu_config).task_type == "SEQ_CLS"
 
 
 def test_gated_model_without_access_says_how_to_fix(cpu_config, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    # offline as HF_HUB_OFFLINE=1 makes it (read once, when huggingface_hub is imported)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     with pytest.raises(ModelError, match="huggingface-cli login.*COURSE_PROFILE=smollm2-cpu"):
         load_tokenizer("meta-llama/Meta-Llama-3-8B")
@@ -84,47 +115,67 @@ def _first_layer_lora_grad(model, tokenizer, evaluate_first):
     batch = tokenizer(texts, padding=True, return_tensors="pt")
     torch.manual_seed(0)  # same LoRA dropout masks in both runs
     model(**batch, labels=torch.tensor([2, 1])).loss.backward()
-    return model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.grad.clone()  # lora_A starts with no gradient (B = 0)
+    return (
+        model.base_model.model.model.layers[0]
+        .self_attn.q_proj.lora_B["default"]
+        .weight.grad.clone()
+    )  # lora_A starts with no gradient (B = 0)
 
 
 def test_evaluating_before_training_keeps_4bit_gradients(cpu_config):
-    """bitsandbytes repacks 4-bit weights for CPU inference; after that, base-layer gradients were lost."""
+    """bitsandbytes repacks 4-bit weights for CPU inference; after that, base-layer gradients were
+    lost."""
     fresh, tokenizer = load_classifier(cpu_config)
     evaluated, _ = load_classifier(cpu_config)
     expected = _first_layer_lora_grad(add_lora(fresh, cpu_config), tokenizer, evaluate_first=False)
     got = _first_layer_lora_grad(add_lora(evaluated, cpu_config), tokenizer, evaluate_first=True)
-    assert not any(getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)
-                   for m in evaluated.modules())
+    assert not any(
+        getattr(
+            getattr(getattr(m, "weight", None), "quant_state", None),
+            "packing_format_for_cpu",
+            False,
+        )
+        for m in evaluated.modules()
+    )
     assert expected.abs().sum() > 0
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
 
 
 def test_serving_precision_follows_the_cpu():
-    from helpers.modeling import serving_dtype
+    from helpers.hardware import serving_dtype
 
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    assert serving_dtype() == (torch.bfloat16 if native else torch.float32)
+    assert serving_dtype().value == (torch.bfloat16 if native else torch.float32)
 
 
 def test_hardware_name_says_the_instructions_bf16_and_threads(monkeypatch):
-    from helpers.modeling import hardware_name
+    from helpers.hardware import hardware_name
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     name = hardware_name()
-    assert f"({torch.backends.cpu.get_cpu_capability()}, no native bf16), {torch.get_num_threads()} threads" in name
+    assert (
+        f"({torch.backends.cpu.get_cpu_capability()}, no native bf16), {torch.get_num_threads()} "
+        "threads" in name
+    )
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert "native bf16)" in hardware_name() and "no native" not in hardware_name()
 
 
 def test_attention_kernel_follows_the_device_and_eager_matches_sdpa(cpu_config, classifier_4bit):
-    from helpers.modeling import attention_implementation
+    from helpers.hardware import attention_implementation
 
-    assert attention_implementation() == "eager" and attention_implementation("sdpa") == "sdpa"
+    assert (
+        attention_implementation().value == "eager"
+        and attention_implementation("sdpa").value == "sdpa"
+    )
     model, tokenizer = classifier_4bit
     assert model.config._attn_implementation == "eager"  # the course's default on the CPU
-    inputs = tokenizer(["Stocks fell sharply.", "The team won the cup final on Sunday after extra time."],
-                       padding=True, return_tensors="pt")  # right padding: the mask matters
+    inputs = tokenizer(
+        ["Stocks fell sharply.", "The team won the cup final on Sunday after extra time."],
+        padding=True,
+        return_tensors="pt",
+    )  # right padding: the mask matters
     with torch.inference_mode():
         eager = model(**inputs).logits
         model.set_attn_implementation("sdpa")
@@ -138,19 +189,22 @@ def test_attention_kernel_follows_the_device_and_eager_matches_sdpa(cpu_config, 
 
 
 def test_bf16_autocast_training_step_follows_the_fp32_gradient(cpu_config):
-    """The CPU trains under bf16 autocast (mixed_precision); its LoRA gradients must point where fp32's do."""
-    from helpers.modeling import cpu_has_fast_bf16
-    from helpers.training import mixed_precision
+    """The CPU trains under bf16 autocast (mixed_precision); its LoRA gradients must point where
+    fp32's do."""
+    from helpers.hardware import cpu_has_fast_bf16, mixed_precision
 
-    assert mixed_precision() == {"bf16": cpu_has_fast_bf16(), "fp16": False}
+    assert mixed_precision().value == {"bf16": cpu_has_fast_bf16(), "fp16": False}
     torch.manual_seed(0)
     model, tokenizer = load_classifier(cpu_config)
     model = add_lora(model, cpu_config)
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)  # non-zero B: the gradient of A is non-zero too
-    inputs = tokenizer(["Oil prices rose on supply fears.", "The striker scored twice in the derby."] * 2,
-                       padding=True, return_tensors="pt")
+    inputs = tokenizer(
+        ["Oil prices rose on supply fears.", "The striker scored twice in the derby."] * 2,
+        padding=True,
+        return_tensors="pt",
+    )
     labels = torch.tensor([2, 1, 2, 1])
 
     def gradient(autocast: bool) -> torch.Tensor:

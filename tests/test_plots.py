@@ -1,7 +1,12 @@
 import numpy as np
 import pandas as pd
 
-from helpers.plots import plot_class_distribution, plot_confusion_matrix, plot_token_lengths, plot_training_curves
+from helpers.plots import (
+    plot_class_distribution,
+    plot_confusion_matrix,
+    plot_token_lengths,
+    plot_training_curves,
+)
 
 NAMES = ["World", "Sports", "Business", "Sci/Tech"]
 
@@ -11,13 +16,26 @@ def _png(path):
 
 
 def test_every_plot_draws_and_saves(tmp_path):
-    splits = {"train": pd.DataFrame({"label": [0, 1, 2, 3, 3]}), "test": pd.DataFrame({"label": [0, 1]})}
+    splits = {
+        "train": pd.DataFrame({"label": [0, 1, 2, 3, 3]}),
+        "test": pd.DataFrame({"label": [0, 1]}),
+    }
     fig = plot_class_distribution(splits, NAMES, tmp_path / "a.png")
     assert len(fig.axes[0].patches) == 8 and _png(tmp_path / "a.png")
     fig = plot_token_lengths([10, 20, 30, 120], max_length=96, path=tmp_path / "b.png")
-    assert fig.axes[0].get_legend().get_texts()[0].get_text() == "max_length = 96" and _png(tmp_path / "b.png")
-    log = [{"step": 1, "loss": 1.4}, {"step": 2, "loss": 1.0}, {"step": 2, "eval_loss": 0.9, "eval_accuracy": 0.7, "eval_macro_f1": 0.6}]
+    assert fig.axes[0].get_legend().get_texts()[0].get_text() == "max_length = 96" and _png(
+        tmp_path / "b.png"
+    )
+    log = [
+        {"step": 1, "loss": 1.4},
+        {"step": 2, "loss": 1.0},
+        {"step": 2, "eval_loss": 0.9, "eval_accuracy": 0.7, "eval_macro_f1": 0.6},
+    ]
     fig = plot_training_curves(log, tmp_path / "c.png")
     assert len(fig.axes[0].lines) == 2 and len(fig.axes[1].lines) == 2 and _png(tmp_path / "c.png")
-    fig = plot_confusion_matrix(np.array([[5, 1, 0, 0], [0, 6, 0, 0], [0, 0, 4, 2], [0, 0, 1, 5]]), NAMES, tmp_path / "d.png")
+    fig = plot_confusion_matrix(
+        np.array([[5, 1, 0, 0], [0, 6, 0, 0], [0, 0, 4, 2], [0, 0, 1, 5]]),
+        NAMES,
+        tmp_path / "d.png",
+    )
     assert [t.get_text() for t in fig.axes[0].texts][:2] == ["5", "1"] and _png(tmp_path / "d.png")

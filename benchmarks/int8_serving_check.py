@@ -1,11 +1,12 @@
-"""Would int8 serving buy the inference speed that issue 5 asks for? The merged model against its int8 copy.
+"""Would int8 serving make inference faster on the CPU? The merged model against its int8 copy.
 
-    python scripts/int8_serving_check.py RUN_DIR        (RUN_DIR: a finished `python -m helpers.train` run)
+    python -m benchmarks.int8_serving_check RUN_DIR   (a finished `python -m helpers.train` run)
 
 Predicts RUN_DIR's test rows with the merged model in the serving precision, then with
-``torch.ao.quantization.quantize_dynamic`` (int8 weights, activations quantized per batch) on its linear layers,
-and prints rows/s, accuracy, the share of predictions that agree and the largest logit difference. The course
-does not serve in int8: on the CPUs measured it changed about one prediction in ten and cost accuracy.
+``torch.ao.quantization.quantize_dynamic`` (int8 weights, activations quantized per batch) on its
+linear layers, and prints rows/s, accuracy, the share of predictions that agree and the largest
+logit difference. The course does not serve in int8: on the CPUs measured it changed about one
+prediction in ten and cost accuracy.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import torch
 
 from helpers.config import load_config
 from helpers.evaluation import predict_logits
+from helpers.hardware import hardware_name
 from helpers.merging import load_for_inference
-from helpers.modeling import hardware_name
 
 
 def timed_predict(model, tokenizer, texts: list[str], max_length: int) -> tuple[np.ndarray, float]:
@@ -44,18 +45,29 @@ def main(run_dir: str) -> None:
         warnings.simplefilter("ignore", DeprecationWarning)
         int8 = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     logits, int8_speed = timed_predict(int8, tokenizer, texts, max_length)
-    print(json.dumps({
-        "hardware": hardware_name(),
-        "rows": len(texts),
-        "merged": {"dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                   "rows_per_second": round(reference_speed, 2),
-                   "accuracy": round(float((reference.argmax(1) == labels).mean()), 4)},
-        "int8_dynamic": {"rows_per_second": round(int8_speed, 2),
-                         "accuracy": round(float((logits.argmax(1) == labels).mean()), 4)},
-        "speedup": round(int8_speed / reference_speed, 2),
-        "same_prediction_share": round(float((logits.argmax(1) == reference.argmax(1)).mean()), 4),
-        "max_logit_difference": round(float(np.abs(logits - reference).max()), 3),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "hardware": hardware_name(),
+                "rows": len(texts),
+                "merged": {
+                    "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                    "rows_per_second": round(reference_speed, 2),
+                    "accuracy": round(float((reference.argmax(1) == labels).mean()), 4),
+                },
+                "int8_dynamic": {
+                    "rows_per_second": round(int8_speed, 2),
+                    "accuracy": round(float((logits.argmax(1) == labels).mean()), 4),
+                },
+                "speedup": round(int8_speed / reference_speed, 2),
+                "same_prediction_share": round(
+                    float((logits.argmax(1) == reference.argmax(1)).mean()), 4
+                ),
+                "max_logit_difference": round(float(np.abs(logits - reference).max()), 3),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

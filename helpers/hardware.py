@@ -1,0 +1,229 @@
+"""Where the course runs and in what precision: every such decision is made here, once.
+
+Taught in notebook 00 (setup), which prints each decision with its reason; everything else in the
+course asks this module instead of asking torch. Each decision returns a ``Decision``: the value and
+the reason, so that what the code does and what the notebook says cannot drift apart.
+
+    from helpers.hardware import compute_dtype
+    dtype = compute_dtype().value  # torch.bfloat16 on an A100, float16 on a T4, float32 on a CPU
+    print(compute_dtype().reason)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+
+class Decision(NamedTuple):
+    """A choice the course made for this machine, and why."""
+
+    value: Any
+    reason: str
+
+
+# ---------------------------------------------------------------- what the machine has
+def gpu_available() -> bool:
+    """True when PyTorch can use an NVIDIA GPU (the only place the course asks CUDA)."""
+    return torch.cuda.is_available()
+
+
+def gpu_has_fast_bf16() -> bool:
+    """True on Ampere and newer GPUs (compute capability 8.0+: A100, H100, L4, RTX 30xx and later).
+
+    Not ``torch.cuda.is_bf16_supported()``: it also answers True on a T4, where bf16 is emulated and
+    slow.
+    """
+    return gpu_available() and torch.cuda.get_device_capability()[0] >= 8
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with native bf16 instructions (AVX512-BF16 or AMX)."""
+    return bool(
+        getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    )
+
+
+def hardware_name() -> str:
+    """What a measurement ran on: the GPU's name, or the CPU's model name, its vector instructions
+    (``AVX2``, ``AVX512``), whether bf16 is native, and the number of threads."""
+    if gpu_available():
+        return torch.cuda.get_device_name()
+    model = "CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in cpuinfo.read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        model = names[0] if names else model
+    bf16 = "native bf16" if cpu_has_fast_bf16() else "no native bf16"
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{model} ({capability}, {bf16}), {torch.get_num_threads()} threads"
+
+
+def gpu_memory() -> tuple[int, int] | None:
+    """(free, total) bytes of this process's GPU, or None without a GPU."""
+    if not gpu_available():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    return int(free), int(total)
+
+
+# ---------------------------------------------------------------- the decisions
+def device() -> Decision:
+    """The device models run on: the process's GPU, else the CPU."""
+    if gpu_available():
+        return Decision(torch.device("cuda"), f"GPU: {torch.cuda.get_device_name()}")
+    return Decision(
+        torch.device("cpu"), f"no usable GPU: the CPU ({torch.get_num_threads()} threads)"
+    )
+
+
+def device_map() -> dict[str, int] | None:
+    """``from_pretrained(device_map=...)``: the whole model on this process's GPU, or None on the
+    CPU.
+
+    Under ``accelerate launch`` each process owns the GPU named by ``LOCAL_RANK``; reading it first
+    keeps a second process from opening a CUDA context on GPU 0.
+    """
+    if not gpu_available():
+        return None
+    if "LOCAL_RANK" in os.environ:
+        return {"": int(os.environ["LOCAL_RANK"])}
+    return {"": torch.cuda.current_device()}
+
+
+def compute_dtype() -> Decision:
+    """Precision of the matrix products in the 4-bit layers (``bnb_4bit_compute_dtype``) and of a
+    16-bit load."""
+    if not gpu_available():
+        return Decision(
+            torch.float32,
+            "CPU: 4-bit layers de-quantize to fp32, because bitsandbytes trains "
+            "much more slowly with bf16 compute on a CPU",
+        )
+    name = torch.cuda.get_device_name()
+    major, minor = torch.cuda.get_device_capability()
+    if major >= 8:
+        return Decision(
+            torch.bfloat16,
+            f"{name} (compute capability {major}.{minor}): bf16, native on Ampere "
+            "and newer; fp32's range, so no loss scaling",
+        )
+    return Decision(
+        torch.float16,
+        f"{name} (compute capability {major}.{minor}): fp16, because bf16 is only "
+        "emulated before Ampere (T4, P100, V100); the Trainer scales the loss",
+    )
+
+
+def mixed_precision() -> Decision:
+    """The Trainer's ``bf16``/``fp16`` flags (autocast around the forward pass)."""
+    if not gpu_available():
+        if cpu_has_fast_bf16():
+            return Decision(
+                {"bf16": True, "fp16": False},
+                "CPU with native bf16: matrix products in bf16 autocast, weights and optimizer "
+                "fp32",
+            )
+        return Decision(
+            {"bf16": False, "fp16": False}, "CPU without native bf16: everything in fp32"
+        )
+    if gpu_has_fast_bf16():
+        return Decision({"bf16": True, "fp16": False}, "bf16 autocast: native on this GPU")
+    return Decision(
+        {"bf16": False, "fp16": True},
+        "fp16 autocast with loss scaling: bf16 is emulated on this GPU",
+    )
+
+
+def serving_dtype() -> Decision:
+    """Precision of a merged model when it predicts."""
+    if gpu_available():
+        dtype = compute_dtype().value
+        return Decision(dtype, f"GPU: {str(dtype).removeprefix('torch.')}, the compute precision")
+    if cpu_has_fast_bf16():
+        return Decision(
+            torch.bfloat16,
+            "CPU with native bf16: bf16 predicts about twice as fast as fp32 "
+            "(compare with `python -m helpers.predict --dtype float32`)",
+        )
+    return Decision(
+        torch.float32, "CPU without native bf16: fp32 (bf16 would be emulated, and slower)"
+    )
+
+
+def merge_dtype() -> Decision:
+    """Precision of the base that the adapter is merged into (and of the merged model saved)."""
+    if gpu_available():
+        dtype = compute_dtype().value
+        return Decision(
+            dtype, f"GPU: {str(dtype).removeprefix('torch.')}, a 16-bit model as it is served"
+        )
+    return Decision(
+        torch.float32, "CPU: fp32, so the merge check compares the merged model exactly"
+    )
+
+
+def attention_implementation(choice: str = "auto") -> Decision:
+    """The attention kernel: ``choice`` itself, or for "auto" "sdpa" on a GPU and "eager" on the
+    CPU."""
+    if choice != "auto":
+        return Decision(choice, f"{choice}: set in the config")
+    if gpu_available():
+        return Decision("sdpa", "GPU: PyTorch's SDPA runs the fused flash/memory-efficient kernels")
+    return Decision(
+        "eager", "CPU: eager attention trains faster than SDPA on short rows and predicts as fast"
+    )
+
+
+# ---------------------------------------------------------------- peak memory
+def reset_peak_memory() -> None:
+    """Start a new peak: torch's counter on a GPU, the kernel's peak RSS (VmHWM) on Linux CPUs."""
+    if gpu_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")  # "5" resets the peak resident set size
+
+
+def peak_memory_mb() -> float:
+    """Peak memory since the start or ``reset_peak_memory()``, in MiB: GPU memory allocated by torch
+    on a GPU, the process's peak resident set size on the CPU."""
+    if gpu_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def peak_memory_kind() -> Decision:
+    """What ``peak_memory_mb`` measures here."""
+    if gpu_available():
+        return Decision("GPU", "GPU memory allocated by PyTorch (torch.cuda.max_memory_allocated)")
+    return Decision(
+        "RSS", "the process's peak resident set size (all of its RAM, libraries included)"
+    )
+
+
+def decisions(attention_choice: str = "auto") -> dict[str, Decision]:
+    """Every decision above, as notebook 00 prints them."""
+    return {
+        "device": device(),
+        "compute dtype": compute_dtype(),
+        "mixed precision": mixed_precision(),
+        "serving dtype": serving_dtype(),
+        "merge dtype": merge_dtype(),
+        "attention": attention_implementation(attention_choice),
+        "peak memory": peak_memory_kind(),
+    }

@@ -1,0 +1,87 @@
+"""helpers.hardware decides device and precision once; the rest of the package asks it."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import hardware
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _fake_gpu(monkeypatch, name, capability):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+
+
+def test_only_the_hardware_module_asks_cuda():
+    asking = [
+        str(path.relative_to(REPO))
+        for path in sorted((REPO / "helpers").glob("*.py"))
+        if "cuda.is_available" in path.read_text()
+    ]
+    assert asking == ["helpers/hardware.py"]
+
+
+def test_every_decision_has_a_value_and_a_reason():
+    made = hardware.decisions()
+    assert set(made) == {
+        "device",
+        "compute dtype",
+        "mixed precision",
+        "serving dtype",
+        "merge dtype",
+        "attention",
+        "peak memory",
+    }
+    for name, (value, reason) in made.items():
+        assert value is not None and len(reason) > 10, name
+    here = "cuda" if hardware.gpu_available() else "cpu"
+    assert made["device"].value == torch.device(here)
+    assert made["attention"].value == {"cuda": "sdpa", "cpu": "eager"}[here]
+    assert hardware.attention_implementation("sdpa") == ("sdpa", "sdpa: set in the config")
+
+
+@pytest.mark.parametrize(
+    ("name", "capability", "dtype", "flags"),
+    [
+        ("Tesla T4", (7, 5), torch.float16, {"bf16": False, "fp16": True}),
+        ("NVIDIA A100-SXM4-80GB", (8, 0), torch.bfloat16, {"bf16": True, "fp16": False}),
+    ],
+)
+def test_a_gpu_gets_one_consistent_set_of_decisions(monkeypatch, name, capability, dtype, flags):
+    _fake_gpu(monkeypatch, name, capability)
+    made = hardware.decisions()
+    assert made["device"].value == torch.device("cuda") and name in made["device"].reason
+    chosen = {made[name].value for name in ("compute dtype", "serving dtype", "merge dtype")}
+    assert chosen == {dtype}
+    assert made["mixed precision"].value == flags and made["attention"].value == "sdpa"
+    assert hardware.hardware_name() == name
+
+
+def test_device_map_names_the_process_gpu_without_touching_gpu_0(monkeypatch):
+    _fake_gpu(monkeypatch, "Tesla T4", (7, 5))
+
+    def no_context(*args):
+        raise AssertionError("current_device() opens a CUDA context on GPU 0")
+
+    monkeypatch.setattr(torch.cuda, "current_device", no_context)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert hardware.device_map() == {"": 1}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert hardware.device_map() is None
+
+
+def test_peak_memory_resets_and_grows():
+    where = hardware.device().value
+    big = torch.ones(256 * 2**20, dtype=torch.uint8, device=where)  # 256 MiB, touched
+    peak_with_big = hardware.peak_memory_mb()
+    del big
+    hardware.reset_peak_memory()
+    after_reset = hardware.peak_memory_mb()
+    assert after_reset <= peak_with_big - 192  # the block's peak is forgotten
+    block = torch.ones(64 * 2**20, dtype=torch.uint8, device=where)
+    assert hardware.peak_memory_mb() >= after_reset + 48 and block.sum() > 0
+    assert hardware.peak_memory_kind().value == ("GPU" if hardware.gpu_available() else "RSS")
