@@ -122,7 +122,7 @@ def run(
             baseline = json.loads((out / "baseline.json").read_text())
         else:
             print("baseline: the untrained model on the test split")
-            baseline = test_metrics(model, tokenizer, test, config)["metrics"]
+            baseline = evaluate_on_test(model, tokenizer, test, config)["metrics"]
             atomic_write_json(out / "baseline.json", baseline)
         print("baseline", baseline)
 
@@ -176,7 +176,7 @@ def run(
     if not instruct:
         plot_training_curves(log, out / "training_curves.png")
         print("final evaluation on the test split")
-        trained = test_metrics(model, tokenizer, test, config)
+        trained = evaluate_on_test(model, tokenizer, test, config)
         write_predictions(out, test, trained, config)
         plot_confusion_matrix(
             confusion(test["label"], trained["predictions"], config.labels),
@@ -195,7 +195,7 @@ def run(
         out / "merged", None if instruct else merge_dtype().value
     )
     print("evaluation of the merged model on the test split")
-    merged = test_metrics(served, served_tokenizer, test, config)
+    merged = evaluate_on_test(served, served_tokenizer, test, config)
     metrics["merge_check_rows"] = check["rows"]
     metrics["merge_same_predictions"] = check["same_predictions"]
     if instruct:
@@ -235,7 +235,7 @@ def run(
 
 
 # ---------------------------------------------------------------- the steps' helpers
-def test_metrics(
+def evaluate_on_test(
     model: Any, tokenizer: Any, test: pd.DataFrame, config: CourseConfig
 ) -> dict[str, Any]:
     """The model on the test split: ``metrics`` (JSON-able) and the raw outputs.
