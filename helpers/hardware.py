@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -31,6 +33,48 @@ class Decision(NamedTuple):
 def gpu_available() -> bool:
     """True when PyTorch can use an NVIDIA GPU (the only place the course asks CUDA)."""
     return torch.cuda.is_available()
+
+
+def nvidia_driver() -> str | None:
+    """``nvidia-smi``'s GPU name and driver version, or None where there is no NVIDIA driver."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        result = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = result.stdout.strip().splitlines()
+    return lines[0].strip() if result.returncode == 0 and lines else None
+
+
+def check_gpu_usable() -> None:
+    """Raise ``ConfigError`` where an NVIDIA GPU is present but PyTorch cannot use it, instead of
+    silently training on the CPU: a CPU build of torch, or a driver too old for torch's CUDA."""
+    if gpu_available():
+        return
+    driver = nvidia_driver()
+    if driver is None:
+        return
+    from helpers.config import ConfigError
+
+    if torch.version.cuda is None:
+        problem = f"torch {torch.__version__} is a CPU build"
+        fix = "install torch's CUDA build (`pip install torch==2.13.0` from the default index)"
+    else:
+        problem = (
+            f"torch {torch.__version__} (built for CUDA {torch.version.cuda}) cannot use it; the "
+            "driver is probably older than that CUDA needs"
+        )
+        fix = "update the NVIDIA driver or install a torch built for an older CUDA"
+    raise ConfigError(
+        f"This machine has an NVIDIA GPU ({driver}) but {problem}. Fix: {fix}; or choose the CPU "
+        "on purpose with COURSE_PROFILE=smollm2-cpu."
+    )
 
 
 def gpu_has_fast_bf16() -> bool:

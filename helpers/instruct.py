@@ -39,6 +39,9 @@ ALPACA_PROMPT_NO_INPUT = (
 )
 ALPACA_HUB_DATASET = "yahma/alpaca-cleaned"
 IGNORE_INDEX = -100  # label of a token that carries no loss (the Trainer's cross-entropy skips it)
+# the longest general Alpaca record mixed into training (prompt, answer and EOS): the classification
+# prompts are far shorter, and an unbounded record would set the memory of its whole batch
+GENERAL_MAX_TOKENS = 512
 
 
 def classification_instruction(labels: Sequence[str]) -> str:
@@ -419,10 +422,28 @@ def instruct_records(train: pd.DataFrame, config: CourseConfig, tokenizer: Any) 
         train = train.groupby("label", group_keys=False).head(config.instruct_train_per_class)
     records = to_alpaca(train, config.labels, tokenizer, config.max_length)
     if config.alpaca_general_rows > 0 and config.data_source == "hub":
+        general = general_alpaca_records(config.alpaca_general_rows, config.seed)
         records = pd.concat(
-            [records, general_alpaca_records(config.alpaca_general_rows, config.seed)]
+            [records, within_length(general, tokenizer, GENERAL_MAX_TOKENS, config.prompt_style)]
         )
     return records.sample(frac=1.0, random_state=config.seed).reset_index(drop=True)
+
+
+def within_length(
+    records: pd.DataFrame, tokenizer: Any, max_tokens: int, style: str = "alpaca"
+) -> pd.DataFrame:
+    """The records whose prompt, answer and EOS fit ``max_tokens``; the longer ones are dropped
+    (cutting them would teach truncated answers), so that no batch grows without bound."""
+    lengths = [
+        len(encode_example(tokenizer, prompt, output, style)["input_ids"])
+        for prompt, output in zip(
+            prompts(records, style, tokenizer), records["output"], strict=True
+        )
+    ]
+    keep = [length <= max_tokens for length in lengths]
+    if not all(keep):
+        print(f"dropped {keep.count(False)} general records longer than {max_tokens} tokens")
+    return records[keep]
 
 
 class ResponseLossTrainer(CourseTrainer):

@@ -103,12 +103,22 @@ def linear_shapes(model_config: Any) -> dict[str, tuple[int, int]]:
     }
 
 
-def parameter_counts(model_config: Any, num_labels: int) -> dict[str, int]:
-    """Weights of a Llama sequence classifier: ``linear`` (quantizable) and ``other`` (embeddings,
-    norms, head)."""
+def parameter_counts(model_config: Any, num_labels: int, task: str = "classify") -> dict[str, int]:
+    """Weights of a Llama model: ``linear`` (quantizable) and ``other`` (embeddings, norms and the
+    head: the ``score`` layer of a classifier, or for ``task="instruct"`` the language-model head,
+    which 4-bit loading leaves in 16-bit and which shares the embedding only where tied)."""
     s = _shape(model_config)
     linear = s["layers"] * sum(i * o for i, o in linear_shapes(model_config).values())
-    other = s["vocab"] * s["h"] + (2 * s["layers"] + 1) * s["h"] + s["h"] * num_labels
+    tied = (
+        model_config.get("tie_word_embeddings", False)
+        if isinstance(model_config, dict)
+        else getattr(model_config, "tie_word_embeddings", False)
+    )
+    if task == "instruct":
+        head = 0 if tied else s["vocab"] * s["h"]
+    else:
+        head = s["h"] * num_labels
+    other = s["vocab"] * s["h"] + (2 * s["layers"] + 1) * s["h"] + head
     return {"linear": linear, "other": other, "total": linear + other}
 
 
@@ -149,9 +159,11 @@ def estimate_memory(
     # fp16 on older GPUs: the same 2 bytes
     dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
     element = torch.tensor([], dtype=dtype).element_size()
-    counts = parameter_counts(model_config, config.num_labels)
+    counts = parameter_counts(model_config, config.num_labels, config.task)
     linear_bytes = {4: NF4_BYTES_PER_WEIGHT, 16: 2, 32: 4}[bits]
-    parameters = counts["linear"] * linear_bytes + counts["other"] * element
+    # prepare_model_for_kbit_training casts every weight that is not 4-bit to fp32
+    other_bytes = 4 if training and bits == 4 else element
+    parameters = counts["linear"] * linear_bytes + counts["other"] * other_bytes
     if not training:
         return MemoryEstimate(parameters, 0.0, 0.0, CUDA_OVERHEAD_BYTES if on_gpu else 0.0)
     lora = lora_parameters(model_config, config) * 16
@@ -191,7 +203,8 @@ def suggestions(config: CourseConfig) -> list[str]:
 def warn_if_too_big(
     config: CourseConfig, model_config: Any, available_bytes: int | None = None
 ) -> MemoryEstimate | None:
-    """Warn, before loading, when the estimated training peak exceeds 90% of the GPU's memory.
+    """Warn, before loading, when the estimated training peak exceeds 90% of the GPU's free
+    memory.
 
     Returns the estimate, or None on a machine without a GPU (and no ``available_bytes`` given).
     """
@@ -199,14 +212,14 @@ def warn_if_too_big(
         memory = gpu_memory()
         if memory is None:
             return None
-        available_bytes = memory[1]
+        available_bytes = memory[0]  # free, not total: another process may hold some
     estimate = estimate_memory(
         config, model_config, bits=4 if config.load_in_4bit else 16, on_gpu=True
     )
     if estimate.total > 0.9 * available_bytes:
         warnings.warn(
             f"This run needs about {estimate.total / GiB:.1f} GiB ({estimate.gib()}) but the GPU "
-            f"has {available_bytes / GiB:.1f} GiB: it will likely run out of memory. Try: "
+            f"has {available_bytes / GiB:.1f} GiB free: it will likely run out of memory. Try: "
             + "; ".join(suggestions(config)),
             stacklevel=2,
         )

@@ -7,6 +7,7 @@ used by ``helpers.train`` and ``helpers.predict``.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,10 +15,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import release_memory
 
 from helpers.config import CourseConfig
 from helpers.evaluation import predict_logits
-from helpers.hardware import attention_implementation, device, merge_dtype, serving_dtype
+from helpers.hardware import (
+    attention_implementation,
+    device_map,
+    gpu_memory,
+    merge_dtype,
+    serving_dtype,
+)
 from helpers.io import atomic_directory, atomic_write_json
 from helpers.modeling import ModelError, is_4bit, load_for_task, load_tokenizer
 
@@ -144,35 +152,226 @@ def merge(model: Any) -> Any:
     return model.merge_and_unload()
 
 
-def merge_and_save(
-    adapter_folder: str | Path, merged_folder: str | Path, check_texts: Sequence[str] | None = None
-) -> tuple[Any, Any, dict[str, Any] | None]:
-    """Reload the adapter into a base in the merge dtype, merge, and save model + tokenizer +
-    labels.
+# ---------------------------------------------------------------- the streamed merge
+SHARD_BYTES = 2 * 10**9  # the largest merged shard held in RAM at once (Colab has 12.7 GB)
 
-    With ``check_texts``, the adapter model and the merged model are compared on them (the same base
-    precision): ``max_abs_difference`` of what they decide from (class logits, or label
-    log-likelihoods for an instruction-tuned model), ``same_predictions`` (the share of equal
-    predicted classes) and, for an instruction-tuned model, ``same_answers`` (the share of equal
-    greedy answers). Returns (merged_model, tokenizer, check or None).
+
+class _ShardWriter:
+    """Collects merged tensors on the CPU and writes a safetensors shard whenever ``limit`` bytes
+    are held, so RAM never holds more than about one shard of the merged model."""
+
+    def __init__(self, folder: Path, limit: int) -> None:
+        self.folder, self.limit = folder, limit
+        self.pending: dict[str, torch.Tensor] = {}
+        self.held = 0
+        self.files: list[tuple[str, list[str]]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().to("cpu").contiguous()
+        self.pending[name] = tensor
+        self.held += tensor.nbytes
+        self.total += tensor.nbytes
+        if self.held >= self.limit:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        name = f"part-{len(self.files) + 1:05d}.safetensors"
+        save_file(self.pending, str(self.folder / name), metadata={"format": "pt"})
+        self.files.append((name, list(self.pending)))
+        self.pending, self.held = {}, 0
+
+    def finish(self) -> list[str]:
+        """Name the shards as transformers expects (one file, or an index and numbered parts)."""
+        self.flush()
+        if len(self.files) == 1:
+            (self.folder / self.files[0][0]).rename(self.folder / "model.safetensors")
+            return ["model.safetensors"]
+        weight_map, names = {}, []
+        for number, (part, keys) in enumerate(self.files, start=1):
+            final = f"model-{number:05d}-of-{len(self.files):05d}.safetensors"
+            (self.folder / part).rename(self.folder / final)
+            weight_map.update(dict.fromkeys(keys, final))
+            names.append(final)
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        atomic_write_json(self.folder / "model.safetensors.index.json", index)
+        return names
+
+
+def stream_merge(
+    model: Any,
+    tokenizer: Any,
+    adapter_folder: str | Path,
+    merged_folder: str | Path,
+    dtype: torch.dtype | None = None,
+    shard_bytes: int = SHARD_BYTES,
+) -> Path:
+    """Merge a LoRA model layer by layer into a folder of ``dtype`` shards of at most about
+    ``shard_bytes``.
+
+    ``model`` is the adapter on the base it was trained on (``load_adapter(folder,
+    load_in_4bit=True)``). Each 4-bit weight is de-quantized on its own device, its LoRA update
+    added in fp32 (W' = W + (alpha/r)·B·A) and the result rounded once to ``dtype`` and moved to the
+    CPU.
+    The 16-bit model never exists whole: peak GPU memory is the 4-bit model plus one layer, peak RAM
+    about one shard. The folder loads with plain ``from_pretrained`` (no peft, no bitsandbytes).
     """
-    model, tokenizer = load_adapter(adapter_folder, load_in_4bit=False, dtype=merge_dtype().value)
-    config = saved_config(adapter_folder)
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.integrations import dequantize_bnb_weight
+    from peft.utils.other import ModulesToSaveWrapper
+
+    dtype = dtype or merge_dtype().value
+    base = model.get_base_model()
+    written: set[int] = set()  # tied weights (embeddings and lm_head) are written once
+    with atomic_directory(Path(merged_folder)) as tmp:
+        shards = _ShardWriter(tmp, shard_bytes)
+        skip: tuple[str, ...] = ()
+        for name, module in base.named_modules():
+            if skip and name.startswith(skip):
+                continue
+            prefix = f"{name}." if name else ""
+            if isinstance(module, LoraLayer):
+                layer = module.get_base_layer()
+                weight = layer.weight
+                full = (
+                    dequantize_bnb_weight(weight, getattr(weight, "quant_state", None))
+                    if weight.__class__.__name__ in ("Params4bit", "Int8Params")
+                    else weight.data
+                ).float()
+                for adapter in module.active_adapters:
+                    full += module.get_delta_weight(adapter).float().to(full.device)
+                shards.add(f"{prefix}weight", full.to(dtype))
+                del full
+                if getattr(layer, "bias", None) is not None:
+                    shards.add(f"{prefix}bias", layer.bias.to(dtype))
+                skip = (prefix,)
+                continue
+            if isinstance(module, ModulesToSaveWrapper):
+                trained = module.modules_to_save[module.active_adapters[0]]
+                for key, tensor in trained.state_dict().items():
+                    shards.add(f"{prefix}{key}", tensor.to(dtype))
+                skip = (prefix,)
+                continue
+            persistent = {
+                key: buffer
+                for key, buffer in module._buffers.items()
+                if buffer is not None and key not in module._non_persistent_buffers_set
+            }
+            for key, tensor in {**module._parameters, **persistent}.items():
+                if tensor is None or id(tensor) in written:
+                    continue
+                written.add(id(tensor))
+                if tensor.__class__.__name__ == "Params4bit":
+                    tensor = dequantize_bnb_weight(tensor, tensor.quant_state)
+                cast = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                shards.add(f"{prefix}{key}", cast)
+        shards.finish()
+        config = copy.deepcopy(base.config)
+        for key in ("quantization_config", "_pre_quantization_dtype"):
+            if hasattr(config, key):
+                delattr(config, key)
+        config.dtype = dtype
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_labels(tmp, _config_from_labels(read_labels(adapter_folder)))
+    return Path(merged_folder)
+
+
+# The largest difference a merge may make to what the model decides from, by the merged model's
+# dtype: rounding W + (alpha/r)·B·A once to 16 bits moves class logits by a few hundredths and label
+# scores (sums of log-probabilities) by a few tenths (docs/decisions.md has the measured figures).
+MERGE_TOLERANCE = {
+    "classify": {torch.float32: 1e-3, torch.float16: 0.1, torch.bfloat16: 0.5},
+    "instruct": {torch.float32: 1e-3, torch.float16: 0.5, torch.bfloat16: 1.0},
+}
+MERGE_AGREEMENT = 0.995  # the share of rows whose predicted class must not change
+
+
+def merge_check(
+    before: tuple[np.ndarray, list], after: tuple[np.ndarray, list], dtype: torch.dtype, task: str
+) -> dict[str, Any]:
+    """Compare what the trained model and the merged model decide from (``_decisions``' output).
+
+    ``passed``: the largest difference is within ``MERGE_TOLERANCE`` for the merged dtype, and at
+    least ``MERGE_AGREEMENT`` of the rows keep their predicted class, not counting near ties: rows
+    whose two best scores in the trained model are within twice the tolerance, which rounding may
+    legitimately swap (on a 32-row check, 99.5% leaves no other row to lose).
+    """
+    difference = float(np.abs(after[0] - before[0]).max())
+    kept = after[0].argmax(1) == before[0].argmax(1)
+    tolerance = MERGE_TOLERANCE[task][dtype]
+    top_two = np.sort(before[0], axis=1)[:, -2:]
+    near_tie = (top_two[:, 1] - top_two[:, 0]) <= 2 * tolerance
+    decisive = kept[~near_tie]
+    check: dict[str, Any] = {
+        "rows": len(before[0]),
+        "dtype": str(dtype).removeprefix("torch."),
+        "max_abs_difference": difference,
+        "tolerance": tolerance,
+        "same_predictions": float(kept.mean()),
+        "changed_near_ties": int((~kept & near_tie).sum()),
+    }
+    if task == "instruct":
+        equal = [a == b for a, b in zip(before[1], after[1], strict=True)]
+        check["same_answers"] = sum(equal) / len(equal)
+    agreement = float(decisive.mean()) if len(decisive) else 1.0
+    check["passed"] = difference <= tolerance and agreement >= MERGE_AGREEMENT
+    return check
+
+
+def merge_and_save(
+    adapter_folder: str | Path,
+    merged_folder: str | Path,
+    check_texts: Sequence[str] | None = None,
+    shard_bytes: int = SHARD_BYTES,
+) -> tuple[Any, Any, dict[str, Any] | None]:
+    """Merge an adapter into its base, streamed into ``merged_folder``, and check the result.
+
+    The adapter is loaded on the base it was trained on (the 4-bit model for QLoRA) and merged layer
+    by layer (``stream_merge``), so no 16-bit copy of the model is ever whole in GPU memory or RAM.
+    The merged folder is then loaded as ``helpers.predict`` loads it, when it fits: with
+    ``check_texts`` the trained model and the merged model are compared on them (``merge_check``).
+    Returns (merged_model or None when it does not fit this GPU, tokenizer, check or None).
+    """
+    meta = read_labels(adapter_folder)
+    config = _config_from_labels(meta)
+    dtype = merge_dtype().value
+    model, tokenizer = load_adapter(
+        adapter_folder,
+        load_in_4bit=config.load_in_4bit,
+        dtype=None if config.load_in_4bit else dtype,
+    )
     before = None if check_texts is None else _decisions(model, tokenizer, check_texts, config)
-    merged = merge(model)
+    stream_merge(model, tokenizer, adapter_folder, merged_folder, dtype, shard_bytes)
+    (model,) = release_memory(model)
+    if not merged_model_fits(merged_folder):
+        print(
+            f"The merged model ({merged_size(merged_folder) / 1e9:.1f} GB) is saved but does not "
+            "fit this GPU: evaluate the adapter on its 4-bit base instead "
+            "(python -m helpers.predict --model RUN/adapter)."
+        )
+        return None, tokenizer, None
+    merged, tokenizer, _ = load_for_inference(merged_folder, dtype=dtype)
     check = None
     if before is not None:
         after = _decisions(merged, tokenizer, check_texts, config)
-        check = {
-            "rows": len(before[0]),
-            "max_abs_difference": float(np.abs(after[0] - before[0]).max()),
-            "same_predictions": float((after[0].argmax(1) == before[0].argmax(1)).mean()),
-        }
-        if config.task == "instruct":
-            same = [a == b for a, b in zip(before[1], after[1], strict=True)]
-            check["same_answers"] = sum(same) / len(same)
-    save_merged(merged, tokenizer, adapter_folder, merged_folder)
+        check = merge_check(before, after, dtype, config.task)
     return merged, tokenizer, check
+
+
+def merged_size(folder: str | Path) -> int:
+    """Bytes of the weights in a model folder."""
+    return sum(path.stat().st_size for path in Path(folder).glob("*.safetensors"))
+
+
+def merged_model_fits(folder: str | Path) -> bool:
+    """True on the CPU, or where the GPU has room for the merged weights and 20% more."""
+    memory = gpu_memory()
+    return memory is None or merged_size(folder) * 1.2 <= memory[0]
 
 
 def _decisions(
@@ -245,7 +444,10 @@ def load_for_inference(
     id2label = {int(i): name for i, name in meta["id2label"].items()}
     dtype = dtype or serving_dtype().value
     if (folder / "adapter_config.json").is_file():
-        model, tokenizer = load_adapter(folder, load_in_4bit=False, dtype=dtype)
+        # on the base it was trained on: no 16-bit copy of a 4-bit-trained base
+        model, tokenizer = load_adapter(
+            folder, load_in_4bit=meta.get("trained_in_4bit", True), dtype=dtype
+        )
     elif (folder / "config.json").is_file():
         tokenizer = load_tokenizer(str(folder))
         auto_class = (
@@ -253,10 +455,13 @@ def load_for_inference(
             if meta.get("task") == "instruct"
             else AutoModelForSequenceClassification
         )
+        # straight to the GPU shard by shard (device_map), never whole in RAM first
         model = auto_class.from_pretrained(
-            folder, dtype=dtype, attn_implementation=attention_implementation().value
+            folder,
+            dtype=dtype,
+            attn_implementation=attention_implementation().value,
+            device_map=device_map(),
         )
-        model.to(device().value)
     else:
         raise ModelError(
             f"{folder} is neither a merged model (config.json) nor an adapter "

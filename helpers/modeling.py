@@ -7,6 +7,7 @@ Taught in notebook 03 (loading in 4-bit) and notebook 04 (LoRA); used by noteboo
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,37 @@ from helpers.io import atomic_directory, cache_dir
 SMOLLM2 = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+LLAMA3_TINY = "llama3-tiny"
+
+# Meta's Llama 3 tokenizer: a tiktoken BPE file of 128,000 tokens, then 256 special tokens
+# (llama_models/llama3/tokenizer.py lists them; the ids the course uses are Meta-Llama-3-8B's)
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+    "<|image|>",
+]
+LLAMA3_SPECIAL_TOKENS += [
+    f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(LLAMA3_SPECIAL_TOKENS))
+]
+LLAMA3_LICENCE_NOTICE = """Llama 3 tokenizer (tokenizer.json), converted by the course from Meta's
+tokenizer.model as shipped in the PyPI package llama-models (llama_models/llama3/tokenizer.model).
+
+Llama 3 is licensed under the Meta Llama 3 Community License, Copyright (c) Meta Platforms, Inc.
+All Rights Reserved. https://www.llama.com/llama3/license/
+"""
 
 
 class ModelError(RuntimeError):
@@ -66,6 +98,8 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
 def resolve_model(name: str) -> str:
     """A path or Hub id that ``from_pretrained`` accepts: ``"smollm2"`` becomes the cached
     safetensors copy."""
+    if name == LLAMA3_TINY:
+        return str(llama3_tiny())
     if name != SMOLLM2:
         return name
     target = cache_dir() / "smollm2-135m-instruct"
@@ -73,6 +107,85 @@ def resolve_model(name: str) -> str:
         print(f"Converting the bundled SmolLM2 GGUF to safetensors in {target} (once, ~20 s)...")
         convert_gguf(bundled_gguf_path(), target)
     return str(target)
+
+
+def llama3_tokenizer() -> Path:
+    """A folder with Meta's Llama 3 tokenizer as a transformers fast tokenizer, converted once from
+    the ``tokenizer.model`` shipped by ``llama-models`` (tiktoken BPE; about 40 s) and cached."""
+    target = cache_dir() / "llama3-tokenizer"
+    if (target / "tokenizer.json").is_file():
+        return target
+    spec = importlib.util.find_spec("llama_models")
+    source = (
+        Path(list(spec.submodule_search_locations)[0]) / "llama3" / "tokenizer.model"
+        if spec is not None and spec.submodule_search_locations
+        else None
+    )
+    if source is None or not source.is_file():
+        raise ModelError(
+            "Meta's Llama 3 tokenizer is not installed. Run `pip install --no-deps "
+            "llama-models==0.3.0` (make setup does this)."
+        )
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    print(f"Converting Meta's Llama 3 tokenizer to {target} (once, ~40 s)...")
+    backend = TikTokenConverter(
+        vocab_file=str(source), pattern=LLAMA3_PATTERN, extra_special_tokens=LLAMA3_SPECIAL_TOKENS
+    ).converted()
+    bos = LLAMA3_SPECIAL_TOKENS[0]
+    # as Meta's tokenizer: <|begin_of_text|> before every text
+    backend.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{bos} $A",
+                pair=f"{bos} $A {bos} $B",
+                special_tokens=[(bos, backend.token_to_id(bos))],
+            ),
+        ]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=bos,
+        eos_token=LLAMA3_SPECIAL_TOKENS[1],
+        model_max_length=8192,
+        clean_up_tokenization_spaces=True,
+    )
+    with atomic_directory(target) as tmp:
+        tokenizer.save_pretrained(tmp)
+        (tmp / "LICENSE-NOTICE.txt").write_text(LLAMA3_LICENCE_NOTICE)
+    return target
+
+
+def llama3_tiny() -> Path:
+    """A small model of the Llama 3 8B architecture for tests and CI: Meta's tokenizer, the same
+    vocabulary, grouped-query ratio, rope and norm settings, two layers of width 64, seeded random
+    weights in bf16 (as the Hub's checkpoint). Built once into the cache."""
+    target = cache_dir() / LLAMA3_TINY
+    if (target / "model.safetensors").is_file():
+        return target
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from helpers.memory import LLAMA3_8B_SHAPE
+
+    tokenizer = AutoTokenizer.from_pretrained(llama3_tokenizer())
+    shape = {
+        **LLAMA3_8B_SHAPE,
+        "hidden_size": 64,
+        "intermediate_size": 224,  # 8B's 3.5 x the width
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,  # 8B's 4 query heads a key-value head
+    }
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**shape)).to(torch.bfloat16)
+    with atomic_directory(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "LICENSE-NOTICE.txt").write_text(LLAMA3_LICENCE_NOTICE)
+    return target
 
 
 def _is_hub_id(name: str) -> bool:
@@ -307,6 +420,34 @@ def memory_footprint_mb(model: Any) -> float:
     """Bytes of parameters and buffers, in MiB (transformers' get_memory_footprint)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.get_memory_footprint() / 2**20
+
+
+def checkpoint_tensor(name: str, key: str) -> torch.Tensor:
+    """One tensor of a model's checkpoint, read from its safetensors file alone (``safe_open``):
+    the rest of the model is never loaded. ``name``: a local folder or a Hub id (its files are in
+    the Hub cache once the model has been loaded)."""
+    from huggingface_hub.errors import EntryNotFoundError
+    from safetensors import safe_open
+
+    path = resolve_model(name)
+    if Path(path).is_dir():
+        folder = Path(path)
+
+        def fetch(filename: str) -> str:
+            return str(folder / filename)
+    else:
+        from huggingface_hub import hf_hub_download
+
+        def fetch(filename: str) -> str:
+            return hf_hub_download(path, filename)
+
+    try:
+        index = json.loads(Path(fetch("model.safetensors.index.json")).read_text())
+        filename = index["weight_map"][key]
+    except (OSError, ValueError, EntryNotFoundError):  # a single-file checkpoint has no index
+        filename = "model.safetensors"
+    with safe_open(fetch(filename), framework="pt") as handle:
+        return handle.get_tensor(key)
 
 
 def is_4bit(model: Any) -> bool:

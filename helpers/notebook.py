@@ -45,12 +45,32 @@ def _inline_figures() -> None:
         shell.run_line_magic("matplotlib", "inline")
 
 
+OUTPUTS_ENV_VAR = "COURSE_OUTPUTS"
+COLAB_DRIVE = Path("/content/drive/MyDrive")
+KAGGLE_WORKING = Path("/kaggle/working")
+
+
+def outputs_root() -> Path:
+    """Where notebooks save what later notebooks read: ``$COURSE_OUTPUTS`` if set; on Colab with
+    Google Drive mounted, ``llama3-course/outputs`` in Drive (it outlives a disconnect); on Kaggle,
+    ``/kaggle/working/outputs`` (kept with the notebook's version); else ``notebooks/outputs`` in
+    the course (git-ignored)."""
+    env = os.environ.get(OUTPUTS_ENV_VAR)
+    if env:
+        return Path(env)
+    if COLAB_DRIVE.is_dir():
+        return COLAB_DRIVE / "llama3-course" / "outputs"
+    if KAGGLE_WORKING.is_dir():
+        return KAGGLE_WORKING / "outputs"
+    return REPO_ROOT / "notebooks" / "outputs"
+
+
 def start(profile: str | None = None, **overrides: object) -> tuple[CourseConfig, Path]:
     """Resolve the config, seed torch/numpy/random, quiet the libraries; returns (config, output
     folder).
 
-    The output folder is ``notebooks/outputs/<profile>`` (git-ignored), shared by the notebooks so
-    that notebook 07 finds the adapter notebook 06 trained.
+    The output folder is ``<outputs_root()>/<profile>``, shared by the notebooks so that notebook
+    07 finds the adapter notebook 06 trained.
     """
     quiet_libraries()  # first: importing transformers below already prints warnings
     _inline_figures()
@@ -58,7 +78,7 @@ def start(profile: str | None = None, **overrides: object) -> tuple[CourseConfig
 
     config = load_config(profile, **overrides)
     set_seed(config.seed)
-    output_dir = REPO_ROOT / "notebooks" / "outputs" / config.profile
+    output_dir = outputs_root() / config.profile
     output_dir.mkdir(parents=True, exist_ok=True)
     print(
         f"profile: {config.profile} | model: {config.model_name} | device: {device().value} | "

@@ -85,3 +85,53 @@ def test_peak_memory_resets_and_grows():
     block = torch.ones(64 * 2**20, dtype=torch.uint8, device=where)
     assert hardware.peak_memory_mb() >= after_reset + 48 and block.sum() > 0
     assert hardware.peak_memory_kind().value == ("GPU" if hardware.gpu_available() else "RSS")
+
+
+def _fake_nvidia_smi(monkeypatch, line="Tesla T4, 418.67"):
+    import subprocess
+
+    monkeypatch.setattr(hardware.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(
+        hardware.subprocess,
+        "run",
+        lambda *a, **k: subprocess.CompletedProcess(a, 0, line + "\n", ""),
+    )
+
+
+@pytest.mark.parametrize(
+    ("cuda", "says"),
+    [("12.8", "driver is probably older than that CUDA"), (None, "is a CPU build")],
+)
+def test_an_nvidia_gpu_torch_cannot_use_is_an_error_not_a_cpu_run(monkeypatch, cuda, says):
+    from helpers.config import ConfigError, default_profile
+
+    _fake_nvidia_smi(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    monkeypatch.delenv("COURSE_PROFILE", raising=False)
+    with pytest.raises(ConfigError) as error:
+        default_profile()
+    message = str(error.value)
+    assert "Tesla T4, 418.67" in message and says in message
+    assert "COURSE_PROFILE=smollm2-cpu" in message and "\n" not in message
+    # choosing the CPU on purpose still works
+    monkeypatch.setenv("COURSE_PROFILE", "smollm2-cpu")
+    assert default_profile() == "smollm2-cpu"
+
+
+def test_no_nvidia_driver_means_the_cpu_quietly(monkeypatch):
+    from helpers.config import default_profile
+
+    monkeypatch.setattr(hardware.shutil, "which", lambda name: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("COURSE_PROFILE", raising=False)
+    assert hardware.nvidia_driver() is None
+    assert default_profile() == "smollm2-cpu"
+
+
+def test_setup_takes_torch_from_the_cpu_index_without_an_nvidia_gpu():
+    makefile = (REPO / "Makefile").read_text()
+    assert "command -v nvidia-smi" in makefile
+    assert "--index-url https://download.pytorch.org/whl/cpu torch==2.13.0" in makefile
+    # an unreachable CPU index falls back to the default index, after a short timeout
+    assert "--retries 0 --timeout 10" in makefile and "|| $(PY) -m pip install" in makefile

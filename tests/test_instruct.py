@@ -349,3 +349,29 @@ def test_response_loss_trainer_matches_the_models_own_loss(instruct_config, caus
     # "Business", "Sports", "Sci/Tech" (3 tokens), each + EOS
     assert outputs.logits.shape[0] == 2 + 2 + 4
     assert torch.allclose(loss, expected, atol=1e-5)
+
+
+def test_long_general_records_are_dropped_so_batches_stay_bounded(monkeypatch, capsys):
+    from helpers import instruct
+    from helpers.modeling import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model("smollm2"))
+    general = pd.DataFrame(
+        {
+            "instruction": ["Name a colour.", "Write an essay."],
+            "input": ["", ""],
+            "output": ["Blue.", "word " * 2000],
+        }
+    )
+    monkeypatch.setattr(instruct, "general_alpaca_records", lambda rows, seed: general)
+    config = load_config("smollm2-cpu", task="instruct", alpaca_general_rows=2, data_source="hub")
+    train = pd.DataFrame({"text": ["Stocks rose.", "A late goal."], "label": [2, 1]})
+    records = instruct_records(train, config, tokenizer)
+    assert "Blue." in set(records["output"]) and len(records) == 3  # two articles, one general
+    assert not any(output.startswith("word word") for output in records["output"])
+    assert "dropped 1 general records longer than 512 tokens" in capsys.readouterr().out
+    lengths = [
+        len(encode_example(tokenizer, p, o)["input_ids"])
+        for p, o in zip(prompts(records, "alpaca", tokenizer), records["output"], strict=True)
+    ]
+    assert max(lengths) <= instruct.GENERAL_MAX_TOKENS
