@@ -35,6 +35,15 @@ def gpu_available() -> bool:
     return torch.cuda.is_available()
 
 
+def gpu_index() -> int:
+    """This process's GPU: ``LOCAL_RANK`` under ``accelerate launch`` or ``torchrun`` (read first,
+    so that process 1 of Kaggle's two T4s never opens a CUDA context on GPU 0), else the current
+    device."""
+    if "LOCAL_RANK" in os.environ:
+        return int(os.environ["LOCAL_RANK"])
+    return torch.cuda.current_device()
+
+
 def nvidia_driver() -> str | None:
     """``nvidia-smi``'s GPU name and driver version, or None where there is no NVIDIA driver."""
     if shutil.which("nvidia-smi") is None:
@@ -83,7 +92,7 @@ def gpu_has_fast_bf16() -> bool:
     Not ``torch.cuda.is_bf16_supported()``: it also answers True on a T4, where bf16 is emulated and
     slow.
     """
-    return gpu_available() and torch.cuda.get_device_capability()[0] >= 8
+    return gpu_available() and torch.cuda.get_device_capability(gpu_index())[0] >= 8
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -98,7 +107,7 @@ def hardware_name() -> str:
     """What a measurement ran on: the GPU's name, or the CPU's model name, its vector instructions
     (``AVX2``, ``AVX512``), whether bf16 is native, and the number of threads."""
     if gpu_available():
-        return torch.cuda.get_device_name()
+        return torch.cuda.get_device_name(gpu_index())
     model = "CPU"
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -117,7 +126,7 @@ def gpu_memory() -> tuple[int, int] | None:
     """(free, total) bytes of this process's GPU, or None without a GPU."""
     if not gpu_available():
         return None
-    free, total = torch.cuda.mem_get_info()
+    free, total = torch.cuda.mem_get_info(gpu_index())
     return int(free), int(total)
 
 
@@ -125,7 +134,8 @@ def gpu_memory() -> tuple[int, int] | None:
 def device() -> Decision:
     """The device models run on: the process's GPU, else the CPU."""
     if gpu_available():
-        return Decision(torch.device("cuda"), f"GPU: {torch.cuda.get_device_name()}")
+        index = gpu_index()
+        return Decision(torch.device("cuda", index), f"GPU: {torch.cuda.get_device_name(index)}")
     return Decision(
         torch.device("cpu"), f"no usable GPU: the CPU ({torch.get_num_threads()} threads)"
     )
@@ -140,9 +150,7 @@ def device_map() -> dict[str, int] | None:
     """
     if not gpu_available():
         return None
-    if "LOCAL_RANK" in os.environ:
-        return {"": int(os.environ["LOCAL_RANK"])}
-    return {"": torch.cuda.current_device()}
+    return {"": gpu_index()}
 
 
 def compute_dtype() -> Decision:
@@ -154,8 +162,8 @@ def compute_dtype() -> Decision:
             "CPU: 4-bit layers de-quantize to fp32, because bitsandbytes trains "
             "much more slowly with bf16 compute on a CPU",
         )
-    name = torch.cuda.get_device_name()
-    major, minor = torch.cuda.get_device_capability()
+    name = torch.cuda.get_device_name(gpu_index())
+    major, minor = torch.cuda.get_device_capability(gpu_index())
     if major >= 8:
         return Decision(
             torch.bfloat16,

@@ -224,6 +224,7 @@ def _generate(
                 eos_token_id=tokenizer.eos_token_id,
                 return_dict_in_generate=True,
                 output_logits=True,
+                use_cache=True,  # scoring reuses the cache, whatever the config says
             )
             yield chunk, ids, mask, out
     model.train(was_training)

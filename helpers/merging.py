@@ -275,6 +275,7 @@ def stream_merge(
             if hasattr(config, key):
                 delattr(config, key)
         config.dtype = dtype
+        config.use_cache = True  # training with gradient checkpointing switched it off
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _write_labels(tmp, _config_from_labels(read_labels(adapter_folder)))

@@ -74,6 +74,32 @@ def test_device_map_names_the_process_gpu_without_touching_gpu_0(monkeypatch):
     assert hardware.device_map() is None
 
 
+def test_every_gpu_question_names_the_process_gpu(monkeypatch):
+    """Process 1 of two (Kaggle's two T4s) asks about GPU 1 only: name, capability, free memory."""
+    asked = []
+
+    def record(answer):
+        def ask(device=None):
+            asked.append(device)
+            return answer
+
+        return ask
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", record("Tesla T4"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", record((7, 5)))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", record((14 * 2**30, 15 * 2**30)))
+    monkeypatch.setattr(
+        torch.cuda, "current_device", lambda: pytest.fail("current_device() touches GPU 0")
+    )
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    hardware.decisions()
+    hardware.gpu_memory()
+    hardware.hardware_name()
+    assert hardware.device().value == torch.device("cuda", 1)
+    assert asked and set(asked) == {1}
+
+
 def test_peak_memory_resets_and_grows():
     where = hardware.device().value
     big = torch.ones(256 * 2**20, dtype=torch.uint8, device=where)  # 256 MiB, touched

@@ -109,3 +109,40 @@ def test_train_predict_and_merge_on_llama3_tiny(run_command, tmp_path, monkeypat
     predicted = pd.read_csv(out)
     assert len(predicted) == 2
     assert set(predicted["predicted_label"]) <= {"World", "Sports", "Business", "Sci/Tech"}
+
+
+def test_the_t4_fp16_path_trains_on_the_cpu():
+    """A T4's settings on llama3-tiny: 4-bit layers computing in fp16, fp16 autocast, a gradient
+    scaler. The Trainer refuses fp16 without a GPU, so the step is the one it would run: autocast
+    forward, scaled backward, unscale, optimizer step."""
+    from helpers.modeling import add_lora, bnb_config
+
+    config = load_config("llama3-tiny")
+    fp16 = bnb_config(torch.float16)  # bnb_4bit_compute_dtype=fp16, as on a T4
+    model, tokenizer = load_classifier(
+        config, load_in_4bit=True, dtype=torch.float16, quantization_config=fp16
+    )
+    model = add_lora(model, config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)  # fp32 master weights
+    batch = tokenizer(
+        ["Stocks rallied on Friday.", "The keeper saved a penalty in extra time."],
+        padding=True,
+        return_tensors="pt",
+    )
+    labels = torch.tensor([2, 1])
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    before = [p.detach().clone() for p in trainable]
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.float16):
+            logits = model(**batch).logits
+        assert logits.dtype == torch.float16
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        assert torch.isfinite(loss)
+        optimizer.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    assert scaler.get_scale() > 0
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, trainable, strict=True))
