@@ -104,6 +104,7 @@ def test_too_small_gpu_gets_a_warning_with_the_fix():
 )
 def test_precision_per_gpu_with_its_reason(monkeypatch, name, capability, dtype):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
     # what torch says even on a T4
@@ -167,7 +168,10 @@ def test_notebooks_carry_the_assertions_the_gpu_job_relies_on():
     assert "assert val_accuracy > 0.7" in _code("06_training.ipynb")
     evaluation = _code("07_evaluation_and_merging.ipynb")
     assert 'assert trained["metrics"]["accuracy"] - baseline["accuracy"] >= 0.3' in evaluation
-    assert "assert same and difference <= 1e-3" in evaluation
+    # the merge check by precision (a bf16 merge on a GPU is never within fp32's 1e-3)
+    assert 'assert check["passed"], check' in evaluation
+    assert "merge_check(" in evaluation and "1e-3" not in evaluation
+    assert 'assert check["passed"], check' in _code("08_instruction_tuning.ipynb")
 
 
 def test_two_process_data_parallel_training_on_the_cpu(tmp_path):

@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _fake_gpu(monkeypatch, name, capability):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
 
@@ -54,7 +55,7 @@ def test_every_decision_has_a_value_and_a_reason():
 def test_a_gpu_gets_one_consistent_set_of_decisions(monkeypatch, name, capability, dtype, flags):
     _fake_gpu(monkeypatch, name, capability)
     made = hardware.decisions()
-    assert made["device"].value == torch.device("cuda") and name in made["device"].reason
+    assert made["device"].value == torch.device("cuda", 0) and name in made["device"].reason
     chosen = {made[name].value for name in ("compute dtype", "serving dtype", "merge dtype")}
     assert chosen == {dtype}
     assert made["mixed precision"].value == flags and made["attention"].value == "sdpa"
