@@ -1,5 +1,5 @@
 """Measurement tools of the course's maintainers: the recipe benchmark and the CPU speed probes.
 
 Kept out of the teaching package ``helpers``; run them from the repository root, e.g.
-``python -m benchmarks.bench`` (``make bench``). Results and analysis: the README's Speed section.
+``python -m benchmarks.bench`` (``make bench``). Results and analysis: docs/performance.md.
 """

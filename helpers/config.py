@@ -67,7 +67,9 @@ class CourseConfig:
     batch_size: int = 8
     eval_batch_size: int = 32
     gradient_accumulation_steps: int = 1
-    gradient_checkpointing: bool = False
+    # recompute activations in the backward pass: True, False, or "auto" (only where the run would
+    # not fit without it: helpers.memory.gradient_checkpointing decides)
+    gradient_checkpointing: bool | str = "auto"
     use_class_weights: bool = True
     # --- task: a classification head (notebooks 03-07) or instruction tuning (notebook 08) ---
     task: str = "classify"  # "classify" or "instruct" (answer with the label's name)
@@ -110,6 +112,7 @@ CHOICES = {
     "task": ("classify", "instruct"),
     "prompt_style": ("alpaca", "chat"),
     "attn_implementation": ("auto", "sdpa", "eager"),
+    "gradient_checkpointing": (True, False, "auto"),
 }
 
 
@@ -161,7 +164,6 @@ LLAMA3_SETTINGS: dict[str, Any] = {
     "max_length": 128,
     "learning_rate": 1e-4,
     "eval_batch_size": 64,
-    "gradient_checkpointing": True,
     "logging_steps": 25,
     "save_steps": 200,
 }
@@ -190,7 +192,15 @@ PROFILES: dict[str, Profile] = {
             val_per_class=250,
             test_per_class=500,
             settings={"data_source": "hub", **LLAMA3_SETTINGS},
-            instruct={"alpaca_general_rows": 1000},
+            # within a T4 (helpers.memory): label scoring keeps each prompt's key-value cache once
+            # per label, so 16 prompts a batch; general Alpaca answers put up to ~490 tokens a row
+            # through the 128k-word head, so 4 rows a step, twice (the same 8 rows an update)
+            instruct={
+                "alpaca_general_rows": 1000,
+                "eval_batch_size": 16,
+                "batch_size": 4,
+                "gradient_accumulation_steps": 2,
+            },
             bench_sizes=(500, 250),
         ),
         Profile(

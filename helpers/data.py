@@ -183,8 +183,8 @@ def balanced_split(
 
 
 def course_splits(config: CourseConfig) -> dict[str, pd.DataFrame]:
-    """The course's split for a config: its data source, per-class counts and seed (notebook 01
-    builds it step by step)."""
+    """The course's split for a config: its data source, per-class counts and seed (taught in
+    notebook 01, which checks that it is balanced, disjoint and reproducible)."""
     return balanced_split(
         load_ag_news(config.data_source),
         config.train_per_class,
@@ -222,9 +222,12 @@ def class_weights(labels: Sequence[int] | np.ndarray, num_labels: int) -> torch.
     return torch.tensor(inverse / inverse.mean(), dtype=torch.float32)
 
 
-def tokenize(df: pd.DataFrame, tokenizer: Any, max_length: int) -> "Any":
+def tokenize(df: pd.DataFrame, tokenizer: Any, max_length: int, by_length: bool = False) -> "Any":
     """A ``datasets.Dataset`` with input_ids, attention_mask (unpadded, truncated) and labels when
-    present."""
+    present.
+
+    ``by_length``: rows sorted by token count, so that an evaluation's batches (taken in order)
+    pad little; training batches are grouped by length by the Trainer's sampler instead."""
     from datasets import Dataset
 
     columns = ["text"] + (["label"] if "label" in df.columns else [])
@@ -236,6 +239,9 @@ def tokenize(df: pd.DataFrame, tokenizer: Any, max_length: int) -> "Any":
     dataset = dataset.map(encode, batched=True, remove_columns=["text"])
     if "label" in columns:
         dataset = dataset.rename_column("label", "labels")
+    if by_length:
+        order = np.argsort([len(ids) for ids in dataset["input_ids"]], kind="stable")
+        dataset = dataset.select(order)
     return dataset
 
 

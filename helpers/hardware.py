@@ -130,6 +130,19 @@ def gpu_memory() -> tuple[int, int] | None:
     return int(free), int(total)
 
 
+def free_memory() -> int | None:
+    """Bytes a run can still use: the GPU's free memory, else the RAM Linux reports available
+    (``MemAvailable``), else None."""
+    memory = gpu_memory()
+    if memory is not None:
+        return memory[0]
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # kB
+    return None
+
+
 # ---------------------------------------------------------------- the decisions
 def device() -> Decision:
     """The device models run on: the process's GPU, else the CPU."""

@@ -1,18 +1,26 @@
 """Will it fit? Estimate peak memory of a QLoRA run from the model's config, before loading any
 weights.
 
-Explained in the README ("Will it fit?"); ``load_classifier`` calls ``warn_if_too_big`` on GPUs, and
-``scripts/gpu_smoke.py`` prints the estimate next to the measured peak.
+Taught in notebook 00 (the ``llama3-8b`` defaults on a 15 GB T4); ``load_classifier`` calls
+``gradient_checkpointing`` and ``warn_if_too_big`` before loading, and ``scripts/gpu_smoke.py``
+prints the estimate next to the measured peak (``docs/performance.md``).
 
-The estimate adds four parts:
+The estimate adds:
 
 * **parameters**: quantized linear layers at 0.5 byte per weight plus NF4 double-quantization
-  constants, everything else (embeddings, norms, the score head) in the load precision;
+  constants; everything else (embeddings, norms, the ``score`` head or the language-model head) in
+  fp32 once ``prepare_model_for_kbit_training`` has cast it, else in the load precision;
 * **LoRA**: adapter weights, their gradients and two Adam moments, all fp32 (16 bytes per trainable
   weight);
-* **activations** kept for the backward pass: per token and layer about ``16h + 4kv + 5i`` values
-  (hidden size h, key/value width kv, MLP width i; the LoRA dropout copies included); with gradient
-  checkpointing only each layer's input plus one layer's worth;
+* the larger of two working sets:
+  - **activations** kept for the backward pass of the longest training batch (for instruction
+    tuning with the language-model head's logits at every answer token): per token and layer
+    about ``16h + 4kv + 5i`` values (hidden size h, key/value width kv, MLP width i); with gradient
+    checkpointing only each layer's input (fp32 in 4-bit training: the residual stream of a
+    prepared model) plus one layer's worth;
+  - **evaluation** of the longest evaluation batch: one layer's transient values (``h + 3i`` a
+    token) and, for instruction tuning, the **key-value cache** (keys and values of every layer for
+    each prompt, repeated once per label by label scoring) plus the label logits;
 * a fixed **overhead** for the CUDA context and the allocator's cache (0 on the CPU).
 """
 
@@ -25,7 +33,7 @@ from typing import Any
 import torch
 
 from helpers.config import CourseConfig
-from helpers.hardware import gpu_available, gpu_memory
+from helpers.hardware import Decision, free_memory, gpu_available, gpu_memory
 
 GiB = 2**30
 # NF4 with double quantization: 4 bits a weight, an 8-bit absmax a block of 64, an fp32 constant a
@@ -33,6 +41,15 @@ GiB = 2**30
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
 # context and allocator slack measured on typical GPUs is 0.3-1 GiB
 CUDA_OVERHEAD_BYTES = int(0.6 * GiB)
+# the Alpaca template around an article (BOS, instruction naming the labels, headers): at most this
+# many tokens with SmolLM2's or Llama 3's tokenizer (tests/test_gpu_path.py checks both)
+PROMPT_TEMPLATE_TOKENS = 64
+# an answer: the label's tokens and EOS
+ANSWER_TOKENS = 8
+# the Alpaca template without an input, around an empty instruction: at least this many tokens
+# (tests/test_gpu_path.py checks both tokenizers), so a general record's answer is at most
+# GENERAL_MAX_TOKENS minus this
+GENERAL_PROMPT_TOKENS = 24
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # Meta-Llama-3-8B's config.json (the fields the estimate and scripts/gpu_smoke.py need), for offline
@@ -59,10 +76,14 @@ class MemoryEstimate:
     lora_and_optimizer: float
     activations: float
     overhead: float
+    evaluation: float = 0.0  # working set of an evaluation batch (key-value cache, logits)
 
     @property
     def total(self) -> float:
-        return self.parameters + self.lora_and_optimizer + self.activations + self.overhead
+        """The peak: weights, LoRA and overhead, plus training's or evaluation's working set,
+        whichever is larger (they never coexist)."""
+        working = max(self.activations, self.evaluation)
+        return self.parameters + self.lora_and_optimizer + working + self.overhead
 
     def gib(self) -> dict[str, float]:
         return {
@@ -140,6 +161,56 @@ def lora_parameters(model_config: Any, config: CourseConfig) -> int:
     )
 
 
+def kv_cache_bytes(model_config: Any, tokens: int, element: int) -> int:
+    """Bytes of a key-value cache holding ``tokens`` tokens (summed over the batch): a key and a
+    value of width kv in every layer."""
+    s = _shape(model_config)
+    return 2 * s["layers"] * s["kv"] * tokens * element
+
+
+def sequence_tokens(config: CourseConfig) -> int:
+    """The longest sequence a training batch holds: the article (``max_length``), or for
+    instruction tuning the prompt around it and the answer, or a general Alpaca record."""
+    if config.task != "instruct":
+        return config.max_length
+    classify = config.max_length + PROMPT_TEMPLATE_TOKENS + ANSWER_TOKENS
+    if config.alpaca_general_rows > 0:
+        from helpers.instruct import GENERAL_MAX_TOKENS
+
+        return max(classify, GENERAL_MAX_TOKENS)
+    return classify
+
+
+def answer_tokens(config: CourseConfig) -> int:
+    """The most tokens whose logits the loss needs in one training row: none for a classifier (its
+    head reads the last token), the label and EOS for instruction tuning, nearly a whole general
+    Alpaca record where those are mixed in."""
+    if config.task != "instruct":
+        return 0
+    if config.alpaca_general_rows > 0:
+        from helpers.instruct import GENERAL_MAX_TOKENS
+
+        return max(ANSWER_TOKENS, GENERAL_MAX_TOKENS - GENERAL_PROMPT_TOKENS)
+    return ANSWER_TOKENS
+
+
+def evaluation_bytes(config: CourseConfig, model_config: Any, element: int) -> float:
+    """Working set of the longest evaluation batch (``eval_batch_size`` rows).
+
+    A classifier keeps no cache (``use_cache=False``): one layer's transient values. Label scoring
+    (instruction tuning) keeps the prompt's key-value cache once per label, plus each label's
+    logits (in the model's precision, then fp32 for the log-softmax)."""
+    s = _shape(model_config)
+    rows = config.eval_batch_size
+    if config.task != "instruct":
+        return rows * config.max_length * element * (s["h"] + 3 * s["i"])
+    prompt = config.max_length + PROMPT_TEMPLATE_TOKENS
+    labels = config.num_labels
+    cache = kv_cache_bytes(model_config, rows * labels * (prompt + ANSWER_TOKENS), element)
+    logits = rows * labels * ANSWER_TOKENS * s["vocab"] * (element + 8)
+    return cache + logits + rows * prompt * element * (s["h"] + 3 * s["i"])
+
+
 def estimate_memory(
     config: CourseConfig,
     model_config: Any,
@@ -147,13 +218,15 @@ def estimate_memory(
     dtype: torch.dtype | None = None,
     training: bool = True,
     on_gpu: bool | None = None,
+    checkpointing: bool | None = None,
 ) -> MemoryEstimate:
     """Peak memory of loading (``training=False``) or QLoRA-training ``model_config`` with
     ``config``'s settings.
 
     ``bits``: 4 (NF4), 16 or 32 for the linear layers; ``dtype``: precision of everything not
     quantized (default: 16-bit on a GPU, fp32 on the CPU, as ``helpers.hardware.compute_dtype``
-    picks).
+    picks); ``checkpointing``: with or without gradient checkpointing (default: the config's
+    setting, where it is True or False; "auto" decides for this machine, as training would).
     """
     on_gpu = gpu_available() if on_gpu is None else on_gpu
     # fp16 on older GPUs: the same 2 bytes
@@ -166,24 +239,78 @@ def estimate_memory(
     parameters = counts["linear"] * linear_bytes + counts["other"] * other_bytes
     if not training:
         return MemoryEstimate(parameters, 0.0, 0.0, CUDA_OVERHEAD_BYTES if on_gpu else 0.0)
+    if checkpointing is None:
+        checkpointing = gradient_checkpointing(config, model_config).value
     lora = lora_parameters(model_config, config) * 16
     s = _shape(model_config)
-    tokens = config.batch_size * config.max_length  # the longest batch
+    tokens = config.batch_size * sequence_tokens(config)  # the longest batch
     per_layer = 16 * s["h"] + 4 * s["kv"] + 5 * s["i"]
-    if config.gradient_checkpointing:
-        activations = tokens * element * (s["layers"] * s["h"] + per_layer)
+    if checkpointing:
+        # the layer inputs kept are the residual stream: fp32 once prepare_model_for_kbit_training
+        # has cast the embeddings (4-bit training), else in the compute precision
+        residual = 4 if bits == 4 else element
+        activations = tokens * (s["layers"] * s["h"] * residual + element * per_layer)
     else:
         activations = tokens * element * s["layers"] * per_layer
-    return MemoryEstimate(parameters, lora, activations, CUDA_OVERHEAD_BYTES if on_gpu else 0.0)
+    # the language-model head's logits at each answer token: in the compute precision, in fp32 for
+    # the loss, and the fp32 gradient
+    activations += config.batch_size * answer_tokens(config) * s["vocab"] * (element + 8)
+    return MemoryEstimate(
+        parameters,
+        lora,
+        activations,
+        CUDA_OVERHEAD_BYTES if on_gpu else 0.0,
+        evaluation_bytes(config, model_config, element),
+    )
 
 
-def suggestions(config: CourseConfig) -> list[str]:
+def gradient_checkpointing(
+    config: CourseConfig, model_config: Any, free_bytes: int | None = None
+) -> Decision:
+    """Whether training recomputes activations in the backward pass instead of keeping them.
+
+    ``config.gradient_checkpointing`` where it is True or False. For "auto": only where the run
+    would not fit in 90% of the memory free (``free_bytes``, default this machine's: the GPU's, or
+    the RAM available), because checkpointing costs time (1.8x the step time measured on an H100
+    with the ``llama3-8b`` defaults, ``docs/performance.md``).
+    """
+    if isinstance(config.gradient_checkpointing, bool):
+        return Decision(config.gradient_checkpointing, "set in the config")
+    free = free_memory() if free_bytes is None else free_bytes
+    if free is None:
+        return Decision(
+            False,
+            "free memory unknown: off (set gradient_checkpointing: true if a run "
+            "runs out of memory)",
+        )
+    on_gpu = gpu_available() if free_bytes is None else True
+    bits = 4 if config.load_in_4bit else 16
+    without = estimate_memory(config, model_config, bits, on_gpu=on_gpu, checkpointing=False).total
+    if without <= 0.9 * free:
+        return Decision(
+            False,
+            f"not needed: about {without / GiB:.1f} GiB without it, {free / GiB:.1f} GiB free "
+            "(checkpointing would recompute every layer's activations: slower)",
+        )
+    with_it = estimate_memory(config, model_config, bits, on_gpu=on_gpu, checkpointing=True).total
+    return Decision(
+        True,
+        f"needed: about {without / GiB:.1f} GiB without it, {with_it / GiB:.1f} GiB with it, "
+        f"{free / GiB:.1f} GiB free",
+    )
+
+
+def suggestions(config: CourseConfig, estimate: MemoryEstimate | None = None) -> list[str]:
     """Settings that lower the peak, cheapest first."""
     tips = []
-    if not config.gradient_checkpointing:
+    if estimate is not None and estimate.evaluation > estimate.activations:
         tips.append(
-            "gradient_checkpointing=True (activations shrink to about one layer's worth, ~30% "
-            "slower)"
+            f"eval_batch_size={max(config.eval_batch_size // 2, 1)} (evaluation sets the peak)"
+        )
+    if config.gradient_checkpointing is False:
+        tips.append(
+            "gradient_checkpointing=True (activations shrink to about one layer's worth; steps "
+            "take up to twice as long)"
         )
     if config.batch_size > 1:
         tips.append(
@@ -213,14 +340,21 @@ def warn_if_too_big(
         if memory is None:
             return None
         available_bytes = memory[0]  # free, not total: another process may hold some
+    checkpointing = gradient_checkpointing(config, model_config, available_bytes).value
     estimate = estimate_memory(
-        config, model_config, bits=4 if config.load_in_4bit else 16, on_gpu=True
+        config,
+        model_config,
+        bits=4 if config.load_in_4bit else 16,
+        on_gpu=True,
+        checkpointing=checkpointing,
     )
     if estimate.total > 0.9 * available_bytes:
         warnings.warn(
             f"This run needs about {estimate.total / GiB:.1f} GiB ({estimate.gib()}) but the GPU "
             f"has {available_bytes / GiB:.1f} GiB free: it will likely run out of memory. Try: "
-            + "; ".join(suggestions(config)),
+            + "; ".join(
+                suggestions(config.replace(gradient_checkpointing=checkpointing), estimate)
+            ),
             stacklevel=2,
         )
     return estimate

@@ -69,6 +69,10 @@ def save_adapter(model: Any, tokenizer: Any, config: CourseConfig, folder: str |
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _write_labels(tmp, config)
+        # the base as learners name it (a Hub id, or the course's "smollm2"), not a local path
+        adapter_config = json.loads((tmp / "adapter_config.json").read_text())
+        adapter_config["base_model_name_or_path"] = config.model_name
+        atomic_write_json(tmp / "adapter_config.json", adapter_config)
     return folder
 
 

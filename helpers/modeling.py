@@ -210,7 +210,7 @@ def _from_pretrained(loader: Any, name: str, **kwargs: Any) -> Any:
         raise ModelError(
             f"{name} {reason}. Fix: accept the licence on https://huggingface.co/{name}, then log "
             "in with "
-            "`huggingface-cli login` or set HF_TOKEN; or switch to the offline profile with "
+            "`hf auth login` or set HF_TOKEN; or switch to the offline profile with "
             "COURSE_PROFILE=smollm2-cpu."
         ) from error
 
@@ -263,7 +263,7 @@ def load_classifier(
     outputs.
 
     In 4-bit, the model is also passed through ``prepare_model_for_kbit_training`` (frozen base,
-    fp32 norms; gradient checkpointing only when ``config.gradient_checkpointing``).
+    fp32 norms; gradient checkpointing as ``helpers.memory.gradient_checkpointing`` decides).
     ``quantization_config`` replaces the course's NF4 config (notebook 03 writes its own). Returns
     (model, tokenizer); the pad token id is set on both.
     """
@@ -334,15 +334,18 @@ def _load(
     placement = device_map()
     if placement is not None:
         kwargs["device_map"] = placement
-        if prepare_for_training:
-            from transformers import AutoConfig
+    checkpointing = False
+    if prepare_for_training:
+        from transformers import AutoConfig
 
-            from helpers.memory import warn_if_too_big
+        from helpers.memory import gradient_checkpointing, warn_if_too_big
 
-            # before loading: the estimate needs only the model's config.json
-            warn_if_too_big(
-                config.replace(load_in_4bit=four_bit), _from_pretrained(AutoConfig, path)
-            )
+        # before loading: the estimate needs only the model's config.json
+        model_config = _from_pretrained(AutoConfig, path)
+        settings = config.replace(load_in_4bit=four_bit)
+        checkpointing = gradient_checkpointing(settings, model_config).value
+        if placement is not None:
+            warn_if_too_big(settings, model_config)
     torch.manual_seed(config.seed)  # a new score head is initialised from this seed
     model = _from_pretrained(auto_class, path, **kwargs)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -355,9 +358,12 @@ def _load(
         # DDP
         model = prepare_model_for_kbit_training(
             model,
-            use_gradient_checkpointing=config.gradient_checkpointing,
+            use_gradient_checkpointing=checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
+    elif prepare_for_training and checkpointing:  # 16-bit training: the same decision, by hand
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     return model, tokenizer
 
 

@@ -56,34 +56,59 @@ def plot_token_lengths(
     return _finish(fig, path)
 
 
+def smoothed(values: Sequence[float], weight: float = 0.8) -> list[float]:
+    """Exponential moving average with bias correction (as TensorBoard smooths): each point
+    mixes ``1 - weight`` of its own value with the average so far, so noise fades and trends
+    stay."""
+    out, average = [], 0.0
+    for i, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight**i))
+    return out
+
+
 def plot_training_curves(
-    log_history: Sequence[dict[str, Any]], path: str | Path | None = None
+    log_history: Sequence[dict[str, Any]],
+    path: str | Path | None = None,
+    examples_per_step: int = 1,
 ) -> Figure:
-    """Training loss by step, and evaluation loss and metrics where the log has them
-    (Trainer.state.log_history)."""
-    train = [(row["step"], row["loss"]) for row in log_history if "loss" in row]
+    """Training loss (raw and smoothed) and validation loss and metrics from
+    ``Trainer.state.log_history``, against examples seen (``examples_per_step``: the effective
+    batch size; 1 plots optimizer steps)."""
+
+    def seen(row: dict[str, Any]) -> int:
+        return int(row["step"]) * examples_per_step
+
+    train = [(seen(row), row["loss"]) for row in log_history if "loss" in row]
     evals = [row for row in log_history if "eval_loss" in row]
     fig = Figure(figsize=(10, 3.5))
     left, right = fig.subplots(1, 2)
     if train:
-        left.plot(*zip(*train, strict=True), label="train loss")
+        x, loss = zip(*train, strict=True)
+        left.plot(x, loss, alpha=0.35, color="C0", label="train loss")
+        left.plot(x, smoothed(loss), color="C0", label="train loss, smoothed")
     if evals:
         left.plot(
-            [r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="val loss"
+            [seen(r) for r in evals],
+            [r["eval_loss"] for r in evals],
+            "o-",
+            color="C1",
+            label="val loss",
         )
         for key in ("eval_accuracy", "eval_macro_f1"):
             if key in evals[0]:
                 right.plot(
-                    [r["step"] for r in evals],
+                    [seen(r) for r in evals],
                     [r[key] for r in evals],
                     "o-",
                     label=key.removeprefix("eval_"),
                 )
-    left.set_xlabel("step")
+    axis = "examples seen" if examples_per_step > 1 else "step"
+    left.set_xlabel(axis)
     left.set_title("Loss")
     left.legend()
-    right.set_xlabel("step")
-    right.set_title("Validation metrics")
+    right.set_xlabel(axis)
+    right.set_title(f"Validation metrics ({len(evals)} evaluations)")
     right.set_ylim(0, 1)
     if right.lines:
         right.legend()

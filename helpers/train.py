@@ -1,10 +1,11 @@
 """The whole job without a notebook, step by step in the order of the notebooks.
 
     python -m helpers.train [--profile NAME] [--config FILE.yaml] [--task classify|instruct]
-                            [--output-dir DIR] [--overwrite | --resume]
+                            [--output-dir DIR] [--overwrite | --resume] [--upload URL]
 
 Writes into DIR (default ``runs/<profile>``, or ``runs/<profile>-instruct``): config.yaml,
-metrics.json, adapter/, merged/, test.csv, test_predictions.csv, baseline.json and checkpoints/
+metrics.json, adapter/ and merged/ (each with a model card, README.md), test.csv,
+test_predictions.csv, baseline.json and checkpoints/
 (every ``save_steps`` steps; ``--resume`` continues from the last complete one), and for the
 classification head PNG plots. Notebooks 01-07 teach each step of the classification head
 (``--task classify``); notebook 08 teaches instruction tuning (``--task instruct``), which shares
@@ -53,6 +54,7 @@ from helpers.plots import (
     plot_token_lengths,
     plot_training_curves,
 )
+from helpers.publish import PublishError, open_destination, publish, write_model_cards
 from helpers.training import (
     RunFolderError,
     WeightedLossTrainer,
@@ -110,9 +112,10 @@ def run(
     # ---- 04 LoRA: small trainable matrices beside the frozen 4-bit weights
     model = add_lora(model, config)
     params = trainable_parameters(model)
+    checkpointing = bool(model.is_gradient_checkpointing)  # as helpers.memory decided at load
     print(
         f"trainable parameters {params['trainable']:,} of {params['total']:,} "
-        f"({params['percent']:.2f}%)"
+        f"({params['percent']:.2f}%) | gradient checkpointing {checkpointing}"
     )
 
     # ---- 05 baseline: the untrained model on the test split (LoRA starts at zero, so the
@@ -144,7 +147,7 @@ def run(
             model=model,
             args=training_arguments(config, out / "checkpoints"),
             train_dataset=train_data,
-            eval_dataset=tokenize(splits["val"], tokenizer, config.max_length),
+            eval_dataset=tokenize(splits["val"], tokenizer, config.max_length, by_length=True),
             data_collator=DataCollatorWithPadding(tokenizer),
             compute_metrics=compute_metrics,
             class_weights=class_weights(train_rows["label"], config.num_labels)
@@ -175,7 +178,13 @@ def run(
     # ---- 07 evaluation and merging: the trained model, its adapter, the merged model
     metrics: dict[str, Any] = {}
     if not instruct:
-        plot_training_curves(log, out / "training_curves.png")
+        plot_training_curves(
+            log,
+            out / "training_curves.png",
+            examples_per_step=trainer.args.train_batch_size
+            * config.gradient_accumulation_steps
+            * trainer.args.world_size,
+        )
         print("final evaluation on the test split")
         trained = evaluate_on_test(model, tokenizer, test, config)
         write_predictions(out, test, trained, config)
@@ -230,9 +239,11 @@ def run(
         "train_samples_per_second": round(samples_here / train_seconds, 3),
         "train_loss": round(mean_training_loss(log), 4),
         "peak_memory_mb": round(peak_memory_mb(), 1),
+        "gradient_checkpointing": checkpointing,
         "trainable_parameters": params["trainable"],
     }
     atomic_write_json(out / "metrics.json", metrics)
+    write_model_cards(out)  # README.md in adapter/ and merged/, from config.yaml and metrics.json
     accuracy = (lambda m: m["scored"]["accuracy"]) if instruct else (lambda m: m["accuracy"])
     print(
         f"wrote {out / 'metrics.json'}: accuracy {accuracy(baseline):.3f} -> "
@@ -373,6 +384,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="continue an interrupted run from its last checkpoint, with its saved config.yaml",
     )
+    parser.add_argument(
+        "--upload",
+        metavar="URL",
+        help="then upload merged/ there (gs://, s3://, hf://USER/REPO, a folder): helpers.publish",
+    )
     args = parser.parse_args(argv)
     out = None
     try:
@@ -384,9 +400,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume and (out / "config.yaml").is_file():
             asked = args.profile or args.config or args.task
             config = resumed_config(out / "config.yaml", config if asked else None)
+        if args.upload:  # an unknown protocol or a missing package fails before any work
+            try:
+                open_destination(args.upload)
+            except PublishError as error:
+                raise ConfigError(f"--upload: {error}") from None
         run(config, out, overwrite=args.overwrite, resume=args.resume)
+        if args.upload and int(os.environ.get("RANK", "0")) == 0:
+            publish(out, args.upload)
     except (ConfigError, DataError, ModelError, FileExistsError, RunFolderError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except PublishError as error:
+        print(
+            f"error: {error} (the run is saved in {out}; upload it with "
+            f"python -m helpers.publish {out} URL)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(

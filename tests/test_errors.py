@@ -43,7 +43,7 @@ def test_train_on_a_gated_model_without_token_writes_nothing(tmp_path, run_comma
     result = run_command(
         "helpers.train", "--config", tmp_path / "gated.yaml", "--output-dir", tmp_path / "run"
     )
-    _one_line_error(result, "huggingface-cli login", "COURSE_PROFILE=smollm2-cpu")
+    _one_line_error(result, "hf auth login", "COURSE_PROFILE=smollm2-cpu")
     assert not (tmp_path / "run").exists()
 
 

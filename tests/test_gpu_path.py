@@ -14,7 +14,17 @@ import yaml
 
 from helpers.config import PROFILES, load_config
 from helpers.hardware import compute_dtype, mixed_precision
-from helpers.memory import LLAMA3_8B_SHAPE, GiB, estimate_memory, warn_if_too_big
+from helpers.memory import (
+    ANSWER_TOKENS,
+    GENERAL_PROMPT_TOKENS,
+    LLAMA3_8B_SHAPE,
+    PROMPT_TEMPLATE_TOKENS,
+    GiB,
+    estimate_memory,
+    gradient_checkpointing,
+    kv_cache_bytes,
+    warn_if_too_big,
+)
 from helpers.modeling import load_classifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,6 +77,21 @@ def test_memory_estimate_within_15_percent_of_the_peaks_measured_on_a_gpu(measur
     assert abs(estimate - peak) / peak <= 0.15, (estimate, peak)
 
 
+def test_the_estimate_says_no_where_a_gpu_ran_out_of_memory():
+    """As a T4 (a 15 GB cap), batch 64 with checkpointing and batch 8 without ran out of memory
+    (benchmarks/results/2026-11-25-h100/out_of_memory.txt); batch 32 with checkpointing fit."""
+
+    def needs(batch_size, checkpointing):
+        config = load_config(
+            "llama3-8b", batch_size=batch_size, gradient_checkpointing=checkpointing
+        )
+        return estimate_memory(config, LLAMA3_8B_SHAPE, bits=4, on_gpu=True).total
+
+    cap = 0.9 * T4_BYTES
+    assert needs(64, True) > cap and needs(8, False) > cap
+    assert needs(32, True) < cap
+
+
 def test_the_instruct_estimate_counts_the_language_model_head():
     classify = estimate_memory(load_config("llama3-8b"), LLAMA3_8B_SHAPE, on_gpu=True)
     instruct = estimate_memory(load_config("llama3-8b", task="instruct"), LLAMA3_8B_SHAPE)
@@ -89,8 +114,120 @@ def test_too_small_gpu_gets_a_warning_with_the_fix():
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        # fits a T4 as configured
-        assert warn_if_too_big(config, LLAMA3_8B_SHAPE, 80 * GiB).total < 15 * GiB
+        # as configured ("auto" checkpointing) it fits a T4, and an 80 GB GPU without checkpointing
+        assert warn_if_too_big(config, LLAMA3_8B_SHAPE, T4_BYTES).total < 0.9 * T4_BYTES
+        assert warn_if_too_big(config, LLAMA3_8B_SHAPE, 80 * GiB).total > 0.9 * T4_BYTES
+
+
+T4_BYTES = 15 * 10**9
+
+
+@pytest.mark.parametrize("task", ["classify", "instruct"])
+def test_gradient_checkpointing_is_on_only_where_the_run_would_not_fit_without_it(task):
+    config = load_config("llama3-8b", task=task)
+    assert config.gradient_checkpointing == "auto"
+    t4 = gradient_checkpointing(config, LLAMA3_8B_SHAPE, T4_BYTES)
+    big = gradient_checkpointing(config, LLAMA3_8B_SHAPE, 80 * GiB)
+    assert t4.value is True and "needed" in t4.reason
+    assert big.value is False and "not needed" in big.reason
+    for free, decision in ((T4_BYTES, t4), (80 * GiB, big)):
+        estimate = estimate_memory(
+            config, LLAMA3_8B_SHAPE, on_gpu=True, checkpointing=decision.value
+        )
+        assert estimate.total <= 0.9 * free, (task, free, estimate.gib())
+    without = estimate_memory(config, LLAMA3_8B_SHAPE, on_gpu=True, checkpointing=False)
+    assert without.total > 0.9 * T4_BYTES  # measured: batch 8 without it ran out of memory
+    # a setting of True or False is obeyed, whatever the memory
+    assert (
+        gradient_checkpointing(
+            config.replace(gradient_checkpointing=False), LLAMA3_8B_SHAPE, T4_BYTES
+        ).value
+        is False
+    )
+    assert (
+        gradient_checkpointing(
+            config.replace(gradient_checkpointing=True), LLAMA3_8B_SHAPE, 80 * GiB
+        ).value
+        is True
+    )
+
+
+def test_the_small_models_train_without_checkpointing_on_the_cpu(cpu_config):
+    from transformers import AutoConfig
+
+    from helpers.modeling import llama3_tiny
+
+    tiny = load_config("llama3-tiny")
+    assert gradient_checkpointing(tiny, AutoConfig.from_pretrained(llama3_tiny())).value is False
+    model, _ = load_classifier(cpu_config)
+    assert gradient_checkpointing(cpu_config, model.config).value is False
+    assert not model.is_gradient_checkpointing  # the loader applied the decision
+
+
+def test_the_key_value_cache_term_is_the_size_of_the_cache_a_forward_pass_keeps(cpu_config):
+    model, tokenizer = load_classifier(
+        cpu_config, load_in_4bit=False, dtype=torch.float32, prepare_for_training=False
+    )
+    batch = tokenizer(
+        ["Stocks rallied on Friday.", "A long match went to penalties."],
+        padding=True,
+        return_tensors="pt",
+    )
+    with torch.inference_mode():
+        cache = model.model(**batch, use_cache=True).past_key_values
+    kept = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    tokens = batch["input_ids"].numel()
+    assert kept == kv_cache_bytes(model.config, tokens, element=4)
+
+
+def test_the_prompt_and_answer_token_budgets_hold_for_both_tokenizers(cpu_config):
+    from helpers.instruct import ALPACA_PROMPT_NO_INPUT, article_prompts, encode_example
+    from helpers.modeling import llama3_tokenizer, load_tokenizer, resolve_model
+
+    for tokenizer in (load_tokenizer(resolve_model("smollm2")), load_tokenizer(llama3_tokenizer())):
+        article = "word " * 400  # cut to max_length tokens by the prompt builder
+        prompt = article_prompts([article], cpu_config, tokenizer)[0]
+        for label in cpu_config.labels:
+            example = encode_example(tokenizer, prompt, label)
+            answer = sum(1 for x in example["labels"] if x != -100)
+            assert answer <= ANSWER_TOKENS, (label, answer)
+            assert len(example["input_ids"]) - answer <= (
+                cpu_config.max_length + PROMPT_TEMPLATE_TOKENS
+            )
+        # a general record's prompt is at least the template: its answer is at most the rest
+        general = encode_example(tokenizer, ALPACA_PROMPT_NO_INPUT.format(instruction=""), "x")
+        prompt_tokens = sum(1 for x in general["labels"] if x == -100)
+        assert prompt_tokens >= GENERAL_PROMPT_TOKENS, prompt_tokens
+
+
+def test_general_answers_through_the_head_set_the_instruct_batch_for_a_t4():
+    """General Alpaca answers run up to ~490 tokens, each through the 128k-word head: 8 rows a step
+    would not fit a T4; the profile's 4 rows, twice, do (the same 8 rows an update)."""
+    config = load_config("llama3-8b", task="instruct")
+    assert (config.batch_size, config.gradient_accumulation_steps) == (4, 2)
+    fits = estimate_memory(config, LLAMA3_8B_SHAPE, on_gpu=True, checkpointing=True)
+    eight = config.replace(batch_size=8, gradient_accumulation_steps=1)
+    too_big = estimate_memory(eight, LLAMA3_8B_SHAPE, on_gpu=True, checkpointing=True)
+    assert fits.total <= 0.9 * T4_BYTES < too_big.total
+    without_general = estimate_memory(
+        eight.replace(alpaca_general_rows=0), LLAMA3_8B_SHAPE, on_gpu=True, checkpointing=True
+    )
+    assert too_big.activations - without_general.activations > 3 * GiB
+
+
+def test_label_scoring_sets_the_instruct_peak_and_its_batch_fits_a_t4():
+    """Label scoring keeps each prompt's cache once per label: at the classifier's evaluation
+    batch of 64 the instruct run would not fit a T4; the profile's 16 does."""
+    config = load_config("llama3-8b", task="instruct")
+    assert config.eval_batch_size == 16
+    fits = estimate_memory(config, LLAMA3_8B_SHAPE, on_gpu=True, checkpointing=True)
+    too_big = estimate_memory(
+        config.replace(eval_batch_size=64), LLAMA3_8B_SHAPE, on_gpu=True, checkpointing=True
+    )
+    assert fits.total <= 0.9 * T4_BYTES < too_big.total
+    assert too_big.evaluation > too_big.activations
+    with pytest.warns(UserWarning, match="eval_batch_size=32"):
+        warn_if_too_big(config.replace(eval_batch_size=64), LLAMA3_8B_SHAPE, T4_BYTES)
 
 
 @pytest.mark.parametrize(

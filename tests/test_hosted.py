@@ -16,6 +16,8 @@ from helpers.io import cache_dir
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+# the exercises' solutions, one per chapter (notebooks/solutions/NN_<chapter>_solutions.ipynb)
+SOLUTIONS = sorted((REPO / "notebooks" / "solutions").glob("*.ipynb"))
 
 EXECUTE = """
 import sys, nbformat
@@ -29,13 +31,35 @@ for path in sys.argv[1:]:
 
 def test_every_notebook_opens_with_the_same_setup_cell_before_helpers():
     cells = []
-    for path in NOTEBOOKS:
+    for path in NOTEBOOKS + SOLUTIONS:
         code = [c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
         setup = next(i for i, source in enumerate(code) if "hosted_setup.py" in source)
         first_helpers = next(i for i, source in enumerate(code) if "helpers" in source)
         assert setup <= first_helpers, path.name  # the setup cell mentions helpers itself
         cells.append(code[setup])
     assert len(set(cells)) == 1, "the setup cells differ"
+
+
+def test_every_chapter_with_exercises_has_its_solutions_notebook():
+    """Solutions sit in notebooks/solutions/ under the chapter's name, name their chapter, and keep
+    what they save apart from the chapters' outputs (in <outputs>/<profile>/solutions/)."""
+    chapters = {
+        path.stem: path
+        for path in NOTEBOOKS
+        if any("## Exercises" in c.source for c in nbformat.read(path, as_version=4).cells)
+    }
+    assert chapters, "no chapter has exercises"
+    expected = sorted(f"{stem}_solutions.ipynb" for stem in chapters)
+    assert sorted(p.name for p in SOLUTIONS) == expected
+    for path in SOLUTIONS:
+        cells = nbformat.read(path, as_version=4).cells
+        chapter = path.name.removesuffix("_solutions.ipynb") + ".ipynb"
+        assert cells[0].cell_type == "markdown" and cells[0].source.startswith("# "), path.name
+        assert f"](../{chapter})" in cells[0].source, path.name
+        assert "**takes:**" in cells[0].source, path.name
+        code = "\n".join(c.source for c in cells if c.cell_type == "code")
+        assert 'output_dir / "solutions"' in code, path.name
+        assert "assert " in code, path.name
 
 
 @pytest.fixture

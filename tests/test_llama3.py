@@ -77,7 +77,7 @@ def test_llama3_tiny_keeps_the_8b_architecture():
 
 def test_llama3_tiny_loads_in_4bit_with_pad_on_tokenizer_and_model():
     config = load_config("llama3-tiny")
-    assert config.model_name == "llama3-tiny" and config.gradient_checkpointing
+    assert config.model_name == "llama3-tiny" and config.gradient_checkpointing == "auto"
     # the profile is llama3-8b's, bar the model, the data source, the split and the logging
     big = PROFILES["llama3-8b"].config()
     for key in ("max_length", "learning_rate", "eval_batch_size", "lora_r", "batch_size"):
@@ -96,6 +96,7 @@ def test_train_predict_and_merge_on_llama3_tiny(run_command, tmp_path, monkeypat
     assert metrics["profile"] == "llama3-tiny" and metrics["train_rows"] == 32
     assert torch.isfinite(torch.tensor(metrics["train_loss"]))
     assert metrics["merge_check_passed"] and metrics["merge_same_predictions"] == 1.0
+    assert metrics["gradient_checkpointing"] is False  # "auto": it fits without
     merged = run / "merged"
     assert json.loads((merged / "config.json").read_text()).get("quantization_config") is None
 
@@ -117,12 +118,14 @@ def test_the_t4_fp16_path_trains_on_the_cpu():
     forward, scaled backward, unscale, optimizer step."""
     from helpers.modeling import add_lora, bnb_config
 
-    config = load_config("llama3-tiny")
+    # checkpointing on, as "auto" decides for Llama 3 8B on a T4
+    config = load_config("llama3-tiny", gradient_checkpointing=True)
     fp16 = bnb_config(torch.float16)  # bnb_4bit_compute_dtype=fp16, as on a T4
     model, tokenizer = load_classifier(
         config, load_in_4bit=True, dtype=torch.float16, quantization_config=fp16
     )
     model = add_lora(model, config)
+    assert model.is_gradient_checkpointing
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)  # fp32 master weights
     batch = tokenizer(

@@ -101,7 +101,7 @@ def test_gated_model_without_access_says_how_to_fix(cpu_config, monkeypatch):
     # offline as HF_HUB_OFFLINE=1 makes it (read once, when huggingface_hub is imported)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    with pytest.raises(ModelError, match="huggingface-cli login.*COURSE_PROFILE=smollm2-cpu"):
+    with pytest.raises(ModelError, match="hf auth login.*COURSE_PROFILE=smollm2-cpu"):
         load_tokenizer("meta-llama/Meta-Llama-3-8B")
 
 
