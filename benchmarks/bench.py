@@ -376,15 +376,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.profile)
         train_default, test_default = PROFILES[config.profile].bench_sizes
-        run(
-            config,
-            args.output_dir or Path("runs") / f"bench-{config.profile}",
-            args.train_per_class or train_default,
-            args.test_per_class or test_default,
-        )
+        given = {"--train-per-class": args.train_per_class, "--test-per-class": args.test_per_class}
+        defaults = {"--train-per-class": train_default, "--test-per-class": test_default}
+        sizes = {flag: defaults[flag] if v is None else v for flag, v in given.items()}
+        for flag, value in sizes.items():
+            if value < 1:
+                raise ConfigError(f"{flag} {value}: give at least 1 row per class.")
+        output_dir = Path(args.output_dir or Path("runs") / f"bench-{config.profile}")
+        try:  # an unusable folder fails now, not after the whole benchmark
+            output_dir.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=output_dir).close()
+        except OSError as error:
+            raise ConfigError(
+                f"--output-dir {output_dir} cannot be written ({error.strerror}). Choose another."
+            ) from None
+        run(config, output_dir, *sizes.values())
     except (ConfigError, DataError, ModelError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: the benchmark wrote nothing; run it again.", file=sys.stderr)
+        return 130
     return 0
 
 

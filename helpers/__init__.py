@@ -5,3 +5,18 @@ Each module names the notebook that teaches it; notebooks import explicit names,
 """
 
 __version__ = "0.1.0"
+
+import logging as _logging
+
+
+class _MissingKernelsNote(_logging.Filter):
+    """bitsandbytes logs on every import, on CPUs with AVX512-BF16, that the optional ``kernels``
+    package for its repacked CPU inference is missing; the course keeps the training layout
+    instead (``helpers.modeling.keep_4bit_layers_trainable``), so the line is noise. Only that line
+    is dropped: the logger's other messages still show."""
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward")
+
+
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_MissingKernelsNote())

@@ -13,6 +13,7 @@ usable).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass, field, fields
@@ -116,13 +117,87 @@ CHOICES = {
 }
 
 
+CHOICES["data_source"] = ("local", "hub")
+
+# the smallest value each number may take (inclusive), and for some the value it must stay below
+AT_LEAST: dict[str, float] = {
+    "train_per_class": 1,
+    "val_per_class": 1,
+    "test_per_class": 1,
+    "max_length": 8,
+    "lora_r": 1,
+    "lora_alpha": 1e-9,
+    "lora_dropout": 0,
+    "learning_rate": 1e-12,
+    "weight_decay": 0,
+    "warmup_ratio": 0,
+    "epochs": 1e-9,
+    "batch_size": 1,
+    "eval_batch_size": 1,
+    "gradient_accumulation_steps": 1,
+    "instruct_train_per_class": 0,
+    "alpaca_general_rows": 0,
+    "max_new_tokens": 1,
+    "seed": 0,
+    "logging_steps": 1,
+    "save_steps": 1,
+}
+BELOW: dict[str, float] = {"lora_dropout": 1, "warmup_ratio": 1, "learning_rate": 1}
+FIX = "Fix it in your YAML file, parameters cell or command line."
+
+
+def _typed(name: str, value: Any, kind: str) -> Any:
+    """``value`` as the field's type, or a ConfigError. YAML 1.1 reads ``1e-3`` (no dot) as a
+    string: a string that is a number is taken as that number."""
+    if kind in ("int", "float") and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = float(value.strip()) if kind == "float" else int(value.strip())
+    if kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    expected = {"int": int, "float": float, "bool": bool, "str": str}.get(kind)
+    wrong_bool = isinstance(value, bool) and kind in ("int", "float")
+    if expected is not None and (not isinstance(value, expected) or wrong_bool):
+        words = {"int": "a whole number", "float": "a number", "bool": "true or false"}
+        raise ConfigError(
+            f"{name}={value!r} must be {words.get(kind, 'a string')}, not "
+            f"{type(value).__name__}. {FIX}"
+        )
+    return value
+
+
 def _check_values(config: CourseConfig) -> CourseConfig:
+    """Types, ranges and choices of every setting, before any data or model is touched."""
+    changes: dict[str, Any] = {}
+    for item in fields(CourseConfig):
+        value = _typed(item.name, getattr(config, item.name), str(item.type))
+        if value is not getattr(config, item.name):
+            changes[item.name] = value
+        low, high = AT_LEAST.get(item.name), BELOW.get(item.name)
+        if low is not None and value < low or high is not None and value >= high:
+            start = "above 0" if 0 < low < 1e-6 else f"at least {low:g}"
+            span = start if high is None else f"{start} and below {high:g}"
+            raise ConfigError(f"{item.name}={value!r} is out of range: it must be {span}. {FIX}")
+    config = dataclasses.replace(config, **changes) if changes else config
     for name, allowed in CHOICES.items():
-        if getattr(config, name) not in allowed:
-            raise ConfigError(
-                f"{name}={getattr(config, name)!r} is not one of {list(allowed)}. Fix it in "
-                "your YAML file, parameters cell or command line."
-            )
+        value = getattr(config, name)
+        # `1 == True`: a choice must also have the allowed value's type
+        if not any(value == a and type(value) is type(a) for a in allowed):
+            raise ConfigError(f"{name}={value!r} is not one of {list(allowed)}. {FIX}")
+    labels, targets = config.labels, config.lora_target_modules
+    if (
+        not isinstance(labels, list)
+        or len(labels) < 2
+        or len(set(labels)) != len(labels)
+        or not all(isinstance(x, str) and x.strip() for x in labels)
+    ):
+        raise ConfigError(f"labels={labels!r} must be a list of two or more distinct names. {FIX}")
+    if not (isinstance(targets, str) and targets) and not (
+        isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)
+    ):
+        raise ConfigError(
+            f"lora_target_modules={targets!r} must be 'all-linear' or a list of module names, "
+            f"such as [q_proj, v_proj]. {FIX}"
+        )
     return config
 
 

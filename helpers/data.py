@@ -7,6 +7,8 @@ Taught in notebook 01 (data and balancing) and notebook 02 (class weights); used
 from __future__ import annotations
 
 import csv
+import io
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ import pandas as pd
 import torch
 
 from helpers.config import AG_NEWS_LABELS, CourseConfig
-from helpers.io import REPO_ROOT
+from helpers.io import REPO_ROOT, hub_reachable
 
 DATA_DIR = REPO_ROOT / "data"
 AG_NEWS_CSV = DATA_DIR / "ag_news" / "ag_news_sample.csv"
@@ -36,14 +38,58 @@ def _looks_like_ag_news(first_row: list[str]) -> bool:
     return len(first_row) == 3 and first_row[0].strip().lstrip("-").isdigit()
 
 
+def _decode(path: Path) -> str:
+    """The file's text: UTF-8, with or without a byte-order mark (spreadsheets write one); any
+    other encoding is a DataError that says how to convert it."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"cannot read {path}: {error.strerror}. Check its permissions.") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(
+            f"{path} is UTF-16 (as Excel's 'Unicode Text' saves it). Save it as 'CSV UTF-8', or "
+            f"convert it: iconv -f UTF-16 -t UTF-8 {path.name} > {path.stem}.utf8.csv"
+        )
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise DataError(
+            f"{path} is not UTF-8 (byte 0x{raw[error.start]:02x} on line {line}; Latin-1 or "
+            f"Windows-1252 likely). Convert it: iconv -f WINDOWS-1252 -t UTF-8 {path.name} > "
+            f"{path.stem}.utf8.csv"
+        ) from None
+    if "\x00" in text:
+        raise DataError(f"{path} holds NUL bytes: it is not a text CSV. Save it as 'CSV UTF-8'.")
+    return text
+
+
+def _rows(path: Path, text: str) -> list[list[str]]:
+    """Every row of the CSV, strictly: an unterminated quote is an error, not a merged row."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        return [row for row in reader if row]  # blank lines carry nothing
+    except csv.Error as error:
+        raise DataError(
+            f"{path}, line {reader.line_num}: {error}. Check the quotes on that line (a text "
+            'field with a quote inside is written "like ""this"""). '
+        ) from None
+
+
 def read_text_csv(
-    path: str | Path, labels: Sequence[str] = AG_NEWS_LABELS, require_labels: bool = False
+    path: str | Path,
+    labels: Sequence[str] = AG_NEWS_LABELS,
+    require_labels: bool = False,
+    keep_columns: bool = False,
 ) -> pd.DataFrame:
     """Read a CSV into columns ``text`` (and ``label``, 0-based, when present).
 
     Two layouts are accepted: the original AG News one (no header; class index 1..K, title,
     description) and one with a header holding a ``text`` column and optionally ``label`` (an
-    integer 0..K-1 or a label name).
+    integer 0..K-1 or a label name). The file must be UTF-8 (a byte-order mark is fine), every row
+    must have as many fields as the first (an unquoted comma inside a text would otherwise cut it),
+    and column names must be unique. ``keep_columns``: keep a header file's other columns (``id``,
+    ``source``, ...) after ``text`` and ``label``, as ``helpers.predict`` writes them back out.
     """
     path = Path(path)
     if not path.is_file():
@@ -54,16 +100,38 @@ def read_text_csv(
         raise DataError(
             f"Data file {path} is empty. Give a CSV with a `text` column or in the AG News layout."
         )
-    with path.open(newline="", encoding="utf-8") as handle:
-        first = next(csv.reader(handle), [])
-    if _looks_like_ag_news(first):
-        raw = pd.read_csv(
-            path,
-            header=None,
-            names=["label", "title", "description"],
-            dtype=str,
-            keep_default_na=False,
-        )
+    rows = _rows(path, _decode(path))
+    if not rows:
+        raise DataError(f"Data file {path} has no rows. Add examples to it.")
+    ag_news = _looks_like_ag_news(rows[0])
+    header = ["label", "title", "description"] if ag_news else [c.strip() for c in rows[0]]
+    body = rows if ag_news else rows[1:]
+    for number, row in enumerate(body, start=1 if ag_news else 2):
+        if len(row) != len(header):
+            layout = (
+                "3 (class index, title, description)"
+                if ag_news
+                else f"{len(header)}, as the header"
+            )
+            raise DataError(
+                f"{path}, row {number}: {len(row)} fields where the file has {layout}. Put a text "
+                'that contains commas in double quotes: "Stocks rally, oil falls".'
+            )
+    if not ag_news:
+        repeated = sorted({c for c in header if header.count(c) > 1})
+        if repeated:
+            raise DataError(
+                f"{path}: the header names {repeated} more than once. Rename or remove the "
+                "repeated columns."
+            )
+        if "text" not in header:
+            raise DataError(
+                f"{path} has neither the AG News layout (class index, title, description; no "
+                f"header) nor a `text` column (its columns are {header}). Rename the column "
+                "holding the text to `text`."
+            )
+    raw = pd.DataFrame(body, columns=header, dtype=str)
+    if ag_news:
         df = pd.DataFrame(
             {
                 "text": [
@@ -73,22 +141,42 @@ def read_text_csv(
         )
         df["label"] = _parse_labels(raw["label"], labels, path, one_based=True)
     else:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
-        if "text" not in raw.columns:
-            raise DataError(
-                f"{path} has neither the AG News layout (class index, title, description; no "
-                "header) nor a `text` "
-                f"column (its columns are {list(raw.columns)}). Rename the column holding the text "
-                "to `text`."
-            )
         df = pd.DataFrame({"text": raw["text"].astype(str)})
         if "label" in raw.columns:
             df["label"] = _parse_labels(raw["label"], labels, path, one_based=False)
+        if keep_columns:
+            for column in header:
+                if column not in ("text", "label"):
+                    df[column] = raw[column]
     if df.empty:
         raise DataError(f"Data file {path} has a header but no rows. Add examples to it.")
+    if "label" in df.columns:
+        _warn_if_shifted(raw["label"], labels, path, one_based=ag_news)
     if require_labels and "label" not in df.columns:
         raise DataError(f"{path} has no labels. Add a `label` column, or use the AG News layout.")
     return df
+
+
+def _warn_if_shifted(column: pd.Series, labels: Sequence[str], path: Path, one_based: bool) -> None:
+    """One line on stderr when integer labels never use the class index that tells 0-based from
+    1-based counting (1-based AG News never says K, 0-based never says 0): likely read shifted."""
+    values = {v.strip() for v in column}
+    if len(column) < 2 * len(labels) or not all(v.isdigit() for v in values):
+        return
+    missing = str(len(labels)) if one_based else "0"
+    if missing in values:
+        return
+    counts, other = ("1", "0") if one_based else ("0", "1")
+    fix = (
+        f"in the AG News layout (no header) write 1..{len(labels)}"
+        if one_based
+        else f"with a header, write 0..{len(labels) - 1} or the label names"
+    )
+    print(
+        f"warning: {path}'s labels never use {missing}, so they are read as counting from "
+        f"{counts}. If they count from {other}, the accuracy will be wrong: {fix}.",
+        file=sys.stderr,
+    )
 
 
 def _parse_labels(
@@ -128,15 +216,20 @@ def load_ag_news(source: str = "local", path: str | Path = AG_NEWS_CSV) -> pd.Da
         try:
             from datasets import load_dataset
 
+            if not hub_reachable():
+                raise ConnectionError("the Hub cannot be reached")
             hub = load_dataset(HUB_DATASET, split="train")
             return pd.DataFrame(
                 {"text": hub["text"], "label": np.asarray(hub["label"], dtype="int64")}
             )
         except Exception as error:  # no network, no datasets cache: use the bundled copy
             print(
-                f"Could not load {HUB_DATASET} from the Hub ({type(error).__name__}); using the "
-                f"bundled {path}."
+                f"Could not load {HUB_DATASET} from the Hub ({type(error).__name__}: no network "
+                f"or no Hub access); using the bundled {path}."
             )
+            bundled = read_text_csv(path, require_labels=True)
+            bundled.attrs["instead_of_hub"] = True  # course_splits names the cause of a short split
+            return bundled
     elif source != "local":
         raise ValueError(f"Unknown data source {source!r}. Use 'local' or 'hub'.")
     return read_text_csv(path, require_labels=True)
@@ -185,14 +278,23 @@ def balanced_split(
 def course_splits(config: CourseConfig) -> dict[str, pd.DataFrame]:
     """The course's split for a config: its data source, per-class counts and seed (taught in
     notebook 01, which checks that it is balanced, disjoint and reproducible)."""
-    return balanced_split(
-        load_ag_news(config.data_source),
-        config.train_per_class,
-        config.val_per_class,
-        config.test_per_class,
-        seed=config.seed,
-        num_labels=config.num_labels,
-    )
+    news = load_ag_news(config.data_source)
+    try:
+        return balanced_split(
+            news,
+            config.train_per_class,
+            config.val_per_class,
+            config.test_per_class,
+            seed=config.seed,
+            num_labels=config.num_labels,
+        )
+    except DataError as error:
+        if not news.attrs.get("instead_of_hub"):
+            raise
+        raise DataError(
+            f"{HUB_DATASET} could not be loaded (no network or no Hub access), and the bundled "
+            f"{len(news):,} rows are too few for this split: {error} Or connect to the Hub."
+        ) from None
 
 
 def imbalanced_subset(df: pd.DataFrame, per_class: Sequence[int], seed: int = 42) -> pd.DataFrame:

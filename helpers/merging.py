@@ -59,7 +59,25 @@ def read_labels(folder: str | Path) -> dict[str, Any]:
             f"{folder} has no {LABELS_FILE}, so its label names are unknown. Save models with "
             "helpers.merging.save_adapter / merge_and_save, which write it."
         )
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelError(
+            f"{path} is damaged ({error}). Copy the folder again from its run, or retrain."
+        ) from None
+    labels = meta.get("labels") if isinstance(meta, dict) else None
+    if (
+        not isinstance(labels, list)
+        or len(labels) < 2
+        or not all(isinstance(x, str) for x in labels)
+        or meta.get("id2label", {str(i): x for i, x in enumerate(labels)})
+        != {str(i): x for i, x in enumerate(labels)}
+    ):
+        raise ModelError(
+            f"{path} does not list the labels as the course writes them (labels, and id2label "
+            "in the same order). Copy the folder again from its run, or retrain."
+        )
+    return meta
 
 
 def save_adapter(model: Any, tokenizer: Any, config: CourseConfig, folder: str | Path) -> Path:
@@ -74,6 +92,10 @@ def save_adapter(model: Any, tokenizer: Any, config: CourseConfig, folder: str |
         adapter_config["base_model_name_or_path"] = config.model_name
         atomic_write_json(tmp / "adapter_config.json", adapter_config)
     return folder
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:300]
 
 
 def _config_from_labels(meta: dict[str, Any]) -> CourseConfig:
@@ -446,13 +468,23 @@ def load_for_inference(
             f"Model folder {folder} does not exist. Pass the merged/ or adapter/ folder of a run."
         )
     meta = read_labels(folder)
-    id2label = {int(i): name for i, name in meta["id2label"].items()}
+    id2label = dict(enumerate(meta["labels"]))
     dtype = dtype or serving_dtype().value
     if (folder / "adapter_config.json").is_file():
         # on the base it was trained on: no 16-bit copy of a 4-bit-trained base
-        model, tokenizer = load_adapter(
-            folder, load_in_4bit=meta.get("trained_in_4bit", True), dtype=dtype
-        )
+        base = meta.get("base_model", "?")
+        try:
+            model, tokenizer = load_adapter(
+                folder, load_in_4bit=meta.get("trained_in_4bit", True), dtype=dtype
+            )
+        except ModelError as error:
+            raise ModelError(f"the adapter's base model {base} cannot be loaded: {error}") from None
+        except OSError as error:
+            raise ModelError(
+                f"the adapter's base model {base} cannot be loaded ({_first_line(error)}). "
+                "Make it available (the Hub id, or the course's bundled model), or predict with "
+                "the run's merged/ folder."
+            ) from None
     elif (folder / "config.json").is_file():
         tokenizer = load_tokenizer(str(folder))
         auto_class = (
@@ -460,13 +492,26 @@ def load_for_inference(
             if meta.get("task") == "instruct"
             else AutoModelForSequenceClassification
         )
-        # straight to the GPU shard by shard (device_map), never whole in RAM first
-        model = auto_class.from_pretrained(
-            folder,
-            dtype=dtype,
-            attn_implementation=attention_implementation().value,
-            device_map=device_map(),
-        )
+        try:
+            # straight to the GPU shard by shard (device_map), never whole in RAM first
+            model = auto_class.from_pretrained(
+                folder,
+                dtype=dtype,
+                attn_implementation=attention_implementation().value,
+                device_map=device_map(),
+            )
+        except Exception as error:  # a truncated or damaged weights file: safetensors' errors
+            raise ModelError(
+                f"cannot load the model in {folder} ({type(error).__name__}: "
+                f"{_first_line(error)}). Its files are damaged or incomplete (an interrupted "
+                "copy?): copy the folder again, or rerun python -m helpers.train."
+            ) from None
+        saved = {int(i): name for i, name in (model.config.id2label or {}).items()}
+        if meta.get("task") != "instruct" and saved != id2label:
+            raise ModelError(
+                f"{folder}: course_labels.json names {id2label} but the model's config.json "
+                f"{saved}. They come from different runs: copy the folder again from one run."
+            )
     else:
         raise ModelError(
             f"{folder} is neither a merged model (config.json) nor an adapter "

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from helpers.config import CourseConfig
+from helpers.config import ConfigError, CourseConfig
 from helpers.hardware import attention_implementation, compute_dtype, device_map
-from helpers.io import atomic_directory, cache_dir
+from helpers.io import atomic_directory, cache_dir, hub_reachable
 
 SMOLLM2 = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -192,8 +192,24 @@ def _is_hub_id(name: str) -> bool:
     return not Path(name).exists() and name.count("/") == 1
 
 
+def check_hub_reachable(name: str) -> None:
+    """A ModelError at once when Hub model ``name`` is neither in the local cache nor reachable,
+    instead of the client's retries (over a minute) before its own error."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str) or hub_reachable():
+        return
+    raise ModelError(
+        f"{name} is not in the Hugging Face cache and the Hub cannot be reached: no network or "
+        "no Hub access. Connect (and log in, for a gated model), or use the offline profile: "
+        "COURSE_PROFILE=smollm2-cpu."
+    )
+
+
 def _from_pretrained(loader: Any, name: str, **kwargs: Any) -> Any:
     """``loader.from_pretrained``, with a clear message for a gated or unreachable model."""
+    if _is_hub_id(name):
+        check_hub_reachable(name)
     try:
         return loader.from_pretrained(name, **kwargs)
     except OSError as error:
@@ -404,9 +420,29 @@ def lora_config(config: CourseConfig) -> Any:
     )
 
 
+def check_lora_targets(model: Any, config: CourseConfig) -> None:
+    """A ConfigError naming the model's linear layers when ``config.lora_target_modules`` names one
+    it does not have (a typo would otherwise fail deep inside peft, or adapt nothing)."""
+    targets = config.lora_target_modules
+    if isinstance(targets, str):
+        return  # "all-linear", or a regular expression peft matches itself
+    linear = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and not name.endswith(("score", "lm_head"))
+    }
+    unknown = sorted(set(targets) - linear)
+    if unknown:
+        raise ConfigError(
+            f"lora_target_modules names {unknown}, which this model does not have. Its linear "
+            f"layers are {sorted(linear)}; or use 'all-linear'."
+        )
+
+
 def add_lora(model: Any, config: CourseConfig) -> Any:
     from peft import get_peft_model
 
+    check_lora_targets(model, config)
     torch.manual_seed(config.seed)  # LoRA A matrices are initialised at random
     return get_peft_model(model, lora_config(config))
 

@@ -10,18 +10,34 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 from helpers.config import CourseConfig, load_config
 from helpers.hardware import compute_dtype, device
 from helpers.io import REPO_ROOT
 
+# the libraries whose own warnings (deprecations, notes on settings) a lesson does not need
+LIBRARIES = r"(torch|transformers|peft|accelerate|bitsandbytes|datasets|huggingface_hub|tqdm)"
+
+
+def _warning_line(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: Any = None
+) -> str:
+    """A warning as one line, without the file it came from (the same on every machine)."""
+    return f"{category.__name__}: {message}\n"
+
 
 def quiet_libraries() -> None:
     """Keep notebook outputs to what the lesson prints: no library progress bars, info logs or
-    warnings."""
+    warnings. The course's own warnings (a truncated text, an empty one, an incomplete checkpoint,
+    a run too big for the GPU) still show."""
     # before the imports below: they import bitsandbytes and tqdm, which warn on import
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("ignore", module=LIBRARIES + r"(\.|$)")
+    from tqdm import TqdmWarning
+
+    warnings.filterwarnings("ignore", category=TqdmWarning)  # no ipywidgets: text bars instead
+    warnings.formatwarning = _warning_line
     for name in ("bitsandbytes", "peft", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
     import datasets

@@ -15,11 +15,13 @@ the first and last steps.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +49,13 @@ from helpers.instruct import (
 )
 from helpers.io import atomic_write_json, atomic_write_text
 from helpers.merging import load_for_inference, merge_and_save, save_adapter
-from helpers.modeling import ModelError, add_lora, load_for_task, trainable_parameters
+from helpers.modeling import (
+    ModelError,
+    add_lora,
+    check_lora_targets,
+    load_for_task,
+    trainable_parameters,
+)
 from helpers.plots import (
     plot_class_distribution,
     plot_confusion_matrix,
@@ -75,181 +83,187 @@ def run(
     With ``resume``, training continues from the last complete checkpoint in
     ``output_dir/checkpoints``.
     """
-    out = Path(output_dir)
-    checkpoint = check_run_folder(out, overwrite, resume)
+    final = Path(output_dir)
+    checkpoint = check_run_folder(final, overwrite, resume)
     # under `accelerate launch` only rank 0 writes
     main_process = int(os.environ.get("RANK", "0")) == 0
-    instruct = config.task == "instruct"
-    set_seed(config.seed)
-    print(
-        f"task {config.task} | profile {config.profile} | model {config.model_name} | "
-        f"{hardware_name()} | compute dtype {str(compute_dtype().value).removeprefix('torch.')}"
-    )
+    # locked; an overwritten run is built beside the old one and swapped in only when complete
+    with run_folder(final, replace=overwrite and final.exists(), main_process=main_process) as out:
+        instruct = config.task == "instruct"
+        set_seed(config.seed)
+        print(
+            f"task {config.task} | profile {config.profile} | model {config.model_name} | "
+            f"{hardware_name()} | compute dtype {str(compute_dtype().value).removeprefix('torch.')}"
+        )
 
-    # ---- 01 data and balancing: the seeded, class-balanced split (bad data fails before any write)
-    splits = course_splits(config)
-    test = splits["test"]
-    print({name: len(df) for name, df in splits.items()})
+        # ---- 01 data and balancing: the seeded, class-balanced split (bad data fails first)
+        splits = course_splits(config)
+        test = splits["test"]
+        print({name: len(df) for name, df in splits.items()})
 
-    # ---- 03 loading in 4-bit: a classification head, or the model's own language-model head (08)
-    model, tokenizer = load_for_task(config)
-    if instruct:
-        train_rows = instruct_records(splits["train"], config, tokenizer)
-        train_data = instruct_dataset(train_rows, tokenizer, config.prompt_style)
-    else:
-        train_rows = splits["train"]
-        train_data = tokenize(train_rows, tokenizer, config.max_length)
-    if main_process:
-        prepare_folder(out, config, test, overwrite)
-        if not instruct:
-            plot_class_distribution(splits, config.labels, out / "class_distribution.png")
-            plot_token_lengths(
-                token_lengths(train_rows["text"], tokenizer),
-                config.max_length,
-                out / "token_lengths.png",
-            )
-
-    # ---- 04 LoRA: small trainable matrices beside the frozen 4-bit weights
-    model = add_lora(model, config)
-    params = trainable_parameters(model)
-    checkpointing = bool(model.is_gradient_checkpointing)  # as helpers.memory decided at load
-    print(
-        f"trainable parameters {params['trainable']:,} of {params['total']:,} "
-        f"({params['percent']:.2f}%) | gradient checkpointing {checkpointing}"
-    )
-
-    # ---- 05 baseline: the untrained model on the test split (LoRA starts at zero, so the
-    #      outputs are the untrained model's); kept on disk, so --resume skips it
-    baseline: dict[str, Any] = {}
-    if main_process:
-        if checkpoint is not None and (out / "baseline.json").is_file():
-            baseline = json.loads((out / "baseline.json").read_text())
+        # ---- 03 loading in 4-bit: a classification head, or the model's own LM head (08)
+        model, tokenizer = load_for_task(config)
+        check_lora_targets(model, config)  # a typo in lora_target_modules fails before any write
+        if instruct:
+            train_rows = instruct_records(splits["train"], config, tokenizer)
+            train_data = instruct_dataset(train_rows, tokenizer, config.prompt_style)
         else:
-            print("baseline: the untrained model on the test split")
-            baseline = evaluate_on_test(model, tokenizer, test, config)["metrics"]
-            atomic_write_json(out / "baseline.json", baseline)
-        print("baseline", baseline)
+            train_rows = splits["train"]
+            train_data = tokenize(train_rows, tokenizer, config.max_length)
+        if main_process:
+            prepare_folder(out, config, test)
+            if not instruct:
+                plot_class_distribution(splits, config.labels, out / "class_distribution.png")
+                plot_token_lengths(
+                    token_lengths(train_rows["text"], tokenizer),
+                    config.max_length,
+                    out / "token_lengths.png",
+                )
 
-    # ---- 06 training: the class-weighted loss of 02, or (08) the loss on the answer tokens only
-    if instruct:
-        # the test split before and after is the evaluation: no validation inside the timed loop
-        trainer = ResponseLossTrainer(
-            model=model,
-            args=training_arguments(config, out / "checkpoints", eval_strategy="no"),
-            train_dataset=train_data,
-            # pads labels with IGNORE_INDEX: padding carries no loss either
-            data_collator=DataCollatorForSeq2Seq(
-                tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX
-            ),
+        # ---- 04 LoRA: small trainable matrices beside the frozen 4-bit weights
+        model = add_lora(model, config)
+        params = trainable_parameters(model)
+        checkpointing = bool(model.is_gradient_checkpointing)  # as helpers.memory decided at load
+        print(
+            f"trainable parameters {params['trainable']:,} of {params['total']:,} "
+            f"({params['percent']:.2f}%) | gradient checkpointing {checkpointing}"
         )
-    else:
-        trainer = WeightedLossTrainer(
-            model=model,
-            args=training_arguments(config, out / "checkpoints"),
-            train_dataset=train_data,
-            eval_dataset=tokenize(splits["val"], tokenizer, config.max_length, by_length=True),
-            data_collator=DataCollatorWithPadding(tokenizer),
-            compute_metrics=compute_metrics,
-            class_weights=class_weights(train_rows["label"], config.num_labels)
-            if config.use_class_weights
-            else None,
-        )
-    reset_peak_memory()
-    if checkpoint is not None:
-        print(f"resuming from {checkpoint}")
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    train_seconds = time.perf_counter() - start
-    log = trainer.state.log_history
-    steps_here = trainer.state.global_step - (
-        int(checkpoint.name.split("-")[1]) if checkpoint else 0
-    )
-    samples_here = min(
-        steps_here
-        * trainer.args.train_batch_size
-        * config.gradient_accumulation_steps
-        * trainer.args.world_size,
-        len(train_rows) * config.epochs,
-    )
-    processes = trainer.args.world_size
-    if not main_process:
-        return {}
 
-    # ---- 07 evaluation and merging: the trained model, its adapter, the merged model
-    metrics: dict[str, Any] = {}
-    if not instruct:
-        plot_training_curves(
-            log,
-            out / "training_curves.png",
-            examples_per_step=trainer.args.train_batch_size
+        # ---- 05 baseline: the untrained model on the test split (LoRA starts at zero, so the
+        #      outputs are the untrained model's); kept on disk, so --resume skips it
+        baseline: dict[str, Any] = {}
+        if main_process:
+            if checkpoint is not None and (out / "baseline.json").is_file():
+                baseline = json.loads((out / "baseline.json").read_text())
+            else:
+                print("baseline: the untrained model on the test split")
+                baseline = evaluate_on_test(model, tokenizer, test, config)["metrics"]
+                atomic_write_json(out / "baseline.json", baseline)
+            print("baseline", baseline)
+
+        # ---- 06 training: the class-weighted loss of 02, or (08) the loss on the answers only
+        if instruct:
+            # the test split before and after is the evaluation: no validation inside the timed loop
+            trainer = ResponseLossTrainer(
+                model=model,
+                args=training_arguments(config, out / "checkpoints", eval_strategy="no"),
+                train_dataset=train_data,
+                # pads labels with IGNORE_INDEX: padding carries no loss either
+                data_collator=DataCollatorForSeq2Seq(
+                    tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX
+                ),
+            )
+        else:
+            trainer = WeightedLossTrainer(
+                model=model,
+                args=training_arguments(config, out / "checkpoints"),
+                train_dataset=train_data,
+                eval_dataset=tokenize(splits["val"], tokenizer, config.max_length, by_length=True),
+                data_collator=DataCollatorWithPadding(tokenizer),
+                compute_metrics=compute_metrics,
+                class_weights=class_weights(train_rows["label"], config.num_labels)
+                if config.use_class_weights
+                else None,
+            )
+        reset_peak_memory()
+        if checkpoint is not None:
+            print(f"resuming from {checkpoint}")
+        start = time.perf_counter()
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        train_seconds = time.perf_counter() - start
+        log = trainer.state.log_history
+        steps_here = trainer.state.global_step - (
+            int(checkpoint.name.split("-")[1]) if checkpoint else 0
+        )
+        samples_here = min(
+            steps_here
+            * trainer.args.train_batch_size
             * config.gradient_accumulation_steps
             * trainer.args.world_size,
+            len(train_rows) * config.epochs,
         )
-        print("final evaluation on the test split")
-        trained = evaluate_on_test(model, tokenizer, test, config)
-        write_predictions(out, test, trained, config)
-        plot_confusion_matrix(
-            confusion(test["label"], trained["predictions"], config.labels),
-            config.labels,
-            out / "confusion_matrix.png",
-        )
-        metrics["final"] = trained["metrics"]
-    save_adapter(model, tokenizer, config, out / "adapter")
-    trainer, model = release_memory(trainer, model)  # gc breaks accelerate's reference cycle
-    served, served_tokenizer, check = merge_and_save(
-        out / "adapter", out / "merged", test["text"].tolist()[:MERGE_CHECK_ROWS]
-    )
-    if served is None:  # the merged model does not fit this GPU: serve the adapter on 4-bit
-        served, served_tokenizer, _ = load_for_inference(out / "adapter")
-    elif instruct and serving_dtype().value != merge_dtype().value:
-        served = None  # free the merge-dtype copy first
-        served, served_tokenizer, _ = load_for_inference(out / "merged")
-    print("evaluation of the served model on the test split")
-    merged = evaluate_on_test(served, served_tokenizer, test, config)
-    if check is not None:
-        metrics["merge_check_rows"] = check["rows"]
-        metrics["merge_same_predictions"] = check["same_predictions"]
-        metrics["merge_check_passed"] = check["passed"]
-        if not check["passed"]:
-            print(f"WARNING: the merged model decides differently from the trained one: {check}")
-    if instruct:
-        write_predictions(out, test, merged, config)
-        metrics["final"] = merged["metrics"]
-        metrics["serving_dtype"] = str(next(served.parameters()).dtype).removeprefix("torch.")
-        if check is not None:
-            metrics["merge_max_abs_score_diff"] = check["max_abs_difference"]
-            metrics["merged_answers_equal"] = check["same_answers"]
-    else:
-        metrics["merged"] = merged["metrics"]
-        if check is not None:
-            metrics["merge_max_abs_logit_diff"] = check["max_abs_difference"]
-    print("final", metrics["final"])
+        processes = trainer.args.world_size
+        if not main_process:
+            return {}
 
-    metrics = {
-        "task": config.task,
-        "profile": config.profile,
-        "hardware": hardware_name(),
-        "processes": processes,
-        "train_rows": len(train_rows),
-        "test_rows": len(test),
-        "baseline": baseline,
-        **metrics,
-        "resumed_from": checkpoint.name if checkpoint else None,
-        "train_seconds": round(train_seconds, 2),  # of this process only, when resumed
-        "train_samples_per_second": round(samples_here / train_seconds, 3),
-        "train_loss": round(mean_training_loss(log), 4),
-        "peak_memory_mb": round(peak_memory_mb(), 1),
-        "gradient_checkpointing": checkpointing,
-        "trainable_parameters": params["trainable"],
-    }
-    atomic_write_json(out / "metrics.json", metrics)
-    write_model_cards(out)  # README.md in adapter/ and merged/, from config.yaml and metrics.json
-    accuracy = (lambda m: m["scored"]["accuracy"]) if instruct else (lambda m: m["accuracy"])
-    print(
-        f"wrote {out / 'metrics.json'}: accuracy {accuracy(baseline):.3f} -> "
-        f"{accuracy(metrics['final']):.3f} after {train_seconds:.0f} s of training"
-    )
-    return metrics
+        # ---- 07 evaluation and merging: the trained model, its adapter, the merged model
+        metrics: dict[str, Any] = {}
+        if not instruct:
+            plot_training_curves(
+                log,
+                out / "training_curves.png",
+                examples_per_step=trainer.args.train_batch_size
+                * config.gradient_accumulation_steps
+                * trainer.args.world_size,
+            )
+            print("final evaluation on the test split")
+            trained = evaluate_on_test(model, tokenizer, test, config)
+            write_predictions(out, test, trained, config)
+            plot_confusion_matrix(
+                confusion(test["label"], trained["predictions"], config.labels),
+                config.labels,
+                out / "confusion_matrix.png",
+            )
+            metrics["final"] = trained["metrics"]
+        save_adapter(model, tokenizer, config, out / "adapter")
+        trainer, model = release_memory(trainer, model)  # gc breaks accelerate's reference cycle
+        served, served_tokenizer, check = merge_and_save(
+            out / "adapter", out / "merged", test["text"].tolist()[:MERGE_CHECK_ROWS]
+        )
+        if served is None:  # the merged model does not fit this GPU: serve the adapter on 4-bit
+            served, served_tokenizer, _ = load_for_inference(out / "adapter")
+        elif instruct and serving_dtype().value != merge_dtype().value:
+            served = None  # free the merge-dtype copy first
+            served, served_tokenizer, _ = load_for_inference(out / "merged")
+        print("evaluation of the served model on the test split")
+        merged = evaluate_on_test(served, served_tokenizer, test, config)
+        if check is not None:
+            metrics["merge_check_rows"] = check["rows"]
+            metrics["merge_same_predictions"] = check["same_predictions"]
+            metrics["merge_check_passed"] = check["passed"]
+            if not check["passed"]:
+                print(
+                    f"WARNING: the merged model decides differently from the trained one: {check}"
+                )
+        if instruct:
+            write_predictions(out, test, merged, config)
+            metrics["final"] = merged["metrics"]
+            metrics["serving_dtype"] = str(next(served.parameters()).dtype).removeprefix("torch.")
+            if check is not None:
+                metrics["merge_max_abs_score_diff"] = check["max_abs_difference"]
+                metrics["merged_answers_equal"] = check["same_answers"]
+        else:
+            metrics["merged"] = merged["metrics"]
+            if check is not None:
+                metrics["merge_max_abs_logit_diff"] = check["max_abs_difference"]
+        print("final", metrics["final"])
+
+        metrics = {
+            "task": config.task,
+            "profile": config.profile,
+            "hardware": hardware_name(),
+            "processes": processes,
+            "train_rows": len(train_rows),
+            "test_rows": len(test),
+            "baseline": baseline,
+            **metrics,
+            "resumed_from": checkpoint.name if checkpoint else None,
+            "train_seconds": round(train_seconds, 2),  # of this process only, when resumed
+            "train_samples_per_second": round(samples_here / train_seconds, 3),
+            "train_loss": round(mean_training_loss(log), 4),
+            "peak_memory_mb": round(peak_memory_mb(), 1),
+            "gradient_checkpointing": checkpointing,
+            "trainable_parameters": params["trainable"],
+        }
+        atomic_write_json(out / "metrics.json", metrics)
+        # README.md in adapter/ and merged/, from config.yaml and metrics.json
+        write_model_cards(out)
+        accuracy = (lambda m: m["scored"]["accuracy"]) if instruct else (lambda m: m["accuracy"])
+        print(
+            f"wrote {final / 'metrics.json'}: accuracy {accuracy(baseline):.3f} -> "
+            f"{accuracy(metrics['final']):.3f} after {train_seconds:.0f} s of training"
+        )
+        return metrics
 
 
 # ---------------------------------------------------------------- the steps' helpers
@@ -315,7 +329,15 @@ def check_run_folder(out: Path, overwrite: bool = False, resume: bool = False) -
             )
         return checkpoint
     if overwrite:
-        return None  # prepare_folder clears the old run, once the new data and model have loaded
+        run_like = any(
+            (out / name).exists() for name in ("config.yaml", "metrics.json", "checkpoints")
+        )
+        if out.is_dir() and any(out.iterdir()) and not run_like:
+            raise RunFolderError(
+                f"{out} holds files that are not a run of this course: --overwrite would replace "
+                "them all. Choose another --output-dir."
+            )
+        return None  # run_folder builds the new run aside and swaps it in when it is complete
     if finished:
         raise FileExistsError(
             f"{out} already holds a finished run (metrics.json). Pass --overwrite to "
@@ -329,12 +351,88 @@ def check_run_folder(out: Path, overwrite: bool = False, resume: bool = False) -
     return None
 
 
-def prepare_folder(out: Path, config: CourseConfig, test: pd.DataFrame, overwrite: bool) -> None:
-    """Once data and model have loaded: clear an overwritten run, write config.yaml and test.csv."""
-    if overwrite:  # the folder no longer claims to be a finished or interrupted run
-        (out / "metrics.json").unlink(missing_ok=True)
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        (out / "baseline.json").unlink(missing_ok=True)
+STALE = (".new", ".old")  # beside a run folder: a build or a swap that a killed run left
+
+
+@contextlib.contextmanager
+def run_folder(out: Path, replace: bool, main_process: bool = True) -> Iterator[Path]:
+    """The folder a run writes into: ``out``, or with ``replace`` the sibling ``.NAME.new``, which
+    replaces ``out`` only once the run is complete, so a failure at any point leaves the old run
+    exactly as it was (and the unfinished new one is removed).
+
+    A lock file (``.NAME.lock``, holding the process id) refuses a second run into the same
+    folder; one left by a process that no longer exists is taken over. Leftovers of killed runs (a
+    build or a swap beside the folder, a merge's temporary folder inside it) are removed first,
+    each with a line saying so. Only the main process locks, cleans and swaps.
+    """
+    build = out.with_name(f".{out.name}.new")
+    if not main_process:
+        yield build if replace else out
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.with_name(f".{out.name}.lock")
+    _take_lock(lock, out)
+    try:
+        old = out.with_name(f".{out.name}.old")
+        if old.is_dir() and not out.exists():  # killed between the two renames of a swap
+            os.replace(old, out)
+            print(f"restored {out} from {old}, left by a run stopped while swapping it in")
+        inside = list(out.glob(".*.tmp")) if out.is_dir() else []  # atomic writes cut off
+        for stale in [out.with_name(f".{out.name}{s}") for s in STALE] + inside:
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            elif stale.is_file():
+                stale.unlink()
+            else:
+                continue
+            print(f"removed {stale}, left by a run that was stopped")
+        if not replace:
+            yield out
+            return
+        build.mkdir()
+        try:
+            yield build
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)
+            raise
+        os.replace(out, old)
+        os.replace(build, out)
+        shutil.rmtree(old)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _take_lock(lock: Path, out: Path) -> None:
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    except FileExistsError:
+        text = lock.read_text().strip()
+        pid = int(text) if text.isdigit() else 0
+        if pid and _alive(pid):
+            raise RunFolderError(
+                f"another run (process {pid}) is writing {out}. Wait for it to finish, or choose "
+                f"another --output-dir (if no run is going on, delete {lock})."
+            ) from None
+        lock.unlink(missing_ok=True)
+        print(f"removed the lock {lock}: the run that held it (process {pid}) has stopped")
+        _take_lock(lock, out)
+        return
+    with os.fdopen(fd, "w") as handle:
+        handle.write(str(os.getpid()))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def prepare_folder(out: Path, config: CourseConfig, test: pd.DataFrame) -> None:
+    """Once data, model and LoRA targets have checked out: write config.yaml and test.csv."""
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     # predict can rerun it
@@ -419,10 +517,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     except KeyboardInterrupt:
-        print(
-            f"\ninterrupted. Continue with: python -m helpers.train --output-dir {out} --resume",
-            file=sys.stderr,
-        )
+        if args.overwrite:
+            hint = f"the run in {out} is as it was; run again with --overwrite to replace it"
+        else:
+            hint = f"continue with: python -m helpers.train --output-dir {out} --resume"
+        print(f"\ninterrupted: {hint}", file=sys.stderr)
         return 130
     return 0
 
