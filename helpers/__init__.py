@@ -7,6 +7,7 @@ Each module names the notebook that teaches it; notebooks import explicit names,
 __version__ = "0.1.0"
 
 import logging as _logging
+import warnings as _warnings
 
 
 class _MissingKernelsNote(_logging.Filter):
@@ -20,3 +21,7 @@ class _MissingKernelsNote(_logging.Filter):
 
 
 _logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_MissingKernelsNote())
+
+# tqdm, imported by the libraries in a Jupyter kernel without ipywidgets, warns that it draws text
+# bars instead of widgets: that line only, wherever it is imported first
+_warnings.filterwarnings("ignore", message="IProgress not found")

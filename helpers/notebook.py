@@ -17,7 +17,9 @@ from helpers.hardware import compute_dtype, device
 from helpers.io import REPO_ROOT
 
 # the libraries whose own warnings (deprecations, notes on settings) a lesson does not need
-LIBRARIES = r"(torch|transformers|peft|accelerate|bitsandbytes|datasets|huggingface_hub|tqdm)"
+LIBRARIES = (
+    r"(torch|transformers|peft|accelerate|bitsandbytes|datasets|huggingface_hub|tqdm|sklearn)"
+)
 
 
 def _warning_line(
