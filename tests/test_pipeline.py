@@ -265,6 +265,7 @@ def test_adapter_with_a_mismatched_label_file_is_refused(default_run, tmp_path):
     shutil.copytree(default_run["dir"] / "adapter", adapter)
     meta = json.loads((adapter / LABELS_FILE).read_text())
     meta["labels"] = meta["labels"][:3]
+    meta["id2label"] = {str(i): name for i, name in enumerate(meta["labels"])}
     (adapter / LABELS_FILE).write_text(json.dumps(meta))
     with pytest.raises(ModelError, match="trained for 4 labels but its label file lists 3"):
         load_adapter(adapter)
