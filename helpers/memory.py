@@ -2,8 +2,9 @@
 weights.
 
 Taught in notebook 00 (the ``llama3-8b`` defaults on a 15 GB T4); ``load_classifier`` calls
-``gradient_checkpointing`` and ``warn_if_too_big`` before loading, and ``scripts/gpu_smoke.py``
-prints the estimate next to the measured peak (``docs/performance.md``).
+``gradient_checkpointing`` and ``warn_if_too_big`` before loading. ``scripts/gpu_smoke.py`` (a GPU)
+and ``scripts/cpu_step_memory.py`` (the CPU) print the estimate next to the measured peak
+(``docs/performance.md``).
 
 The estimate adds:
 
@@ -14,13 +15,15 @@ The estimate adds:
   weight);
 * the larger of two working sets:
   - **activations** kept for the backward pass of the longest training batch (for instruction
-    tuning with the language-model head's logits at every answer token): per token and layer
-    about ``16h + 4kv + 5i`` values (hidden size h, key/value width kv, MLP width i); with gradient
+    tuning with the language-model head's logits at every answer token): per token and layer the
+    values of ``layer_bytes`` (about ``4h + 4q + 4i`` in fp32, ``16h + 4kv + 5i`` under 16-bit
+    autocast, plus the attention probabilities with eager attention); with gradient
     checkpointing only each layer's input (fp32 in 4-bit training: the residual stream of a
     prepared model) plus one layer's worth;
   - **evaluation** of the longest evaluation batch: one layer's transient values (``h + 3i`` a
-    token) and, for instruction tuning, the **key-value cache** (keys and values of every layer for
-    each prompt, repeated once per label by label scoring) plus the label logits;
+    token, and the attention scores with eager attention) and, for instruction tuning, the
+    **key-value cache** (keys and values of every layer for each prompt, repeated once per label by
+    label scoring) plus the label logits;
 * a fixed **overhead** for the CUDA context and the allocator's cache (0 on the CPU).
 """
 
@@ -102,6 +105,7 @@ def _shape(model_config: Any) -> dict[str, int]:
     head_dim = get("head_dim") or hidden // heads
     return {
         "h": hidden,
+        "heads": heads,
         "i": get("intermediate_size"),
         "layers": get("num_hidden_layers"),
         "vocab": get("vocab_size"),
@@ -146,11 +150,7 @@ def parameter_counts(model_config: Any, num_labels: int, task: str = "classify")
 def lora_parameters(model_config: Any, config: CourseConfig) -> int:
     """Trainable weights: LoRA A and B on the target layers, plus the trainable copy of the score
     head."""
-    targets = (
-        LINEAR_NAMES
-        if config.lora_target_modules == "all-linear"
-        else tuple(config.lora_target_modules)
-    )
+    targets = _lora_targets(config)
     per_layer = sum(
         config.lora_r * (i + o)
         for name, (i, o) in linear_shapes(model_config).items()
@@ -159,6 +159,47 @@ def lora_parameters(model_config: Any, config: CourseConfig) -> int:
     return (
         _shape(model_config)["layers"] * per_layer + _shape(model_config)["h"] * config.num_labels
     )
+
+
+def _lora_targets(config: CourseConfig) -> tuple[str, ...]:
+    if config.lora_target_modules == "all-linear":
+        return LINEAR_NAMES
+    return tuple(config.lora_target_modules)
+
+
+def eager_attention(config: CourseConfig, on_gpu: bool) -> bool:
+    """Whether attention runs eagerly (scores and probabilities materialised, one ``seq x seq``
+    matrix a head), as ``helpers.hardware.attention_implementation`` decides for that device."""
+    if config.attn_implementation == "auto":
+        return not on_gpu
+    return config.attn_implementation == "eager"
+
+
+def layer_bytes(
+    config: CourseConfig, model_config: Any, element: int, sequence: int, eager: bool
+) -> float:
+    """Bytes one decoder layer keeps for the backward pass, per token of a training batch.
+
+    In fp32 (``element`` 4: the CPU), counted from the tensors autograd saves on SmolLM2
+    (``scripts/cpu_step_memory.py`` measures the step): the residual stream at both norms (2h);
+    the inputs of the linear layers (h for q/k/v, q for o_proj, h for gate/up, i for down_proj);
+    the rotated queries and the keys and values repeated to every query head (3q); the MLP's gate,
+    SiLU and up outputs (3i); each LoRA layer's rank-r intermediate. Under 16-bit autocast (a GPU)
+    every linear layer's input is also kept as a 16-bit copy, for the 4-bit product and for LoRA:
+    ``16h + 4kv + 5i`` 2-byte values, calibrated on the Llama 3 8B peaks measured on an H100
+    (``docs/performance.md``). Eager attention adds each head's probabilities over the
+    ``sequence`` (fp32 for the softmax, and a 16-bit copy under autocast); SDPA's fused kernels
+    keep none.
+    """
+    s = _shape(model_config)
+    if element >= 4:
+        values = 4 * s["h"] + 4 * s["q"] + 4 * s["i"] + config.lora_r * len(_lora_targets(config))
+        per_token = values * element
+    else:
+        per_token = (16 * s["h"] + 4 * s["kv"] + 5 * s["i"]) * element
+    if eager:
+        per_token += s["heads"] * sequence * (4 if element >= 4 else element + 4)
+    return per_token
 
 
 def kv_cache_bytes(model_config: Any, tokens: int, element: int) -> int:
@@ -194,21 +235,30 @@ def answer_tokens(config: CourseConfig) -> int:
     return ANSWER_TOKENS
 
 
-def evaluation_bytes(config: CourseConfig, model_config: Any, element: int) -> float:
+def evaluation_bytes(
+    config: CourseConfig, model_config: Any, element: int, eager: bool = False
+) -> float:
     """Working set of the longest evaluation batch (``eval_batch_size`` rows).
 
-    A classifier keeps no cache (``use_cache=False``): one layer's transient values. Label scoring
-    (instruction tuning) keeps the prompt's key-value cache once per label, plus each label's
-    logits (in the model's precision, then fp32 for the log-softmax)."""
+    A classifier keeps no cache (``use_cache=False``): one layer's transient values (with eager
+    attention, its scores and probabilities too). Label scoring (instruction tuning) keeps the
+    prompt's key-value cache once per label, plus each label's logits (in the model's precision,
+    then fp32 for the log-softmax)."""
     s = _shape(model_config)
     rows = config.eval_batch_size
+
+    def one_layer(tokens: int) -> float:
+        scores = 2 * s["heads"] * tokens * element if eager else 0
+        return rows * tokens * (element * (s["h"] + 3 * s["i"]) + scores)
+
     if config.task != "instruct":
-        return rows * config.max_length * element * (s["h"] + 3 * s["i"])
+        return one_layer(config.max_length)
     prompt = config.max_length + PROMPT_TEMPLATE_TOKENS
     labels = config.num_labels
     cache = kv_cache_bytes(model_config, rows * labels * (prompt + ANSWER_TOKENS), element)
-    logits = rows * labels * ANSWER_TOKENS * s["vocab"] * (element + 8)
-    return cache + logits + rows * prompt * element * (s["h"] + 3 * s["i"])
+    # the logits, a 16-bit model's fp32 copy of them, and their log-softmax
+    logits = rows * labels * ANSWER_TOKENS * s["vocab"] * (element + 4 + (4 if element < 4 else 0))
+    return cache + logits + one_layer(prompt)
 
 
 def estimate_memory(
@@ -243,15 +293,17 @@ def estimate_memory(
         checkpointing = gradient_checkpointing(config, model_config).value
     lora = lora_parameters(model_config, config) * 16
     s = _shape(model_config)
-    tokens = config.batch_size * sequence_tokens(config)  # the longest batch
-    per_layer = 16 * s["h"] + 4 * s["kv"] + 5 * s["i"]
+    sequence = sequence_tokens(config)
+    tokens = config.batch_size * sequence  # the longest batch
+    eager = eager_attention(config, on_gpu)
+    per_layer = layer_bytes(config, model_config, element, sequence, eager)
     if checkpointing:
         # the layer inputs kept are the residual stream: fp32 once prepare_model_for_kbit_training
         # has cast the embeddings (4-bit training), else in the compute precision
         residual = 4 if bits == 4 else element
-        activations = tokens * (s["layers"] * s["h"] * residual + element * per_layer)
+        activations = tokens * (s["layers"] * s["h"] * residual + per_layer)
     else:
-        activations = tokens * element * s["layers"] * per_layer
+        activations = tokens * s["layers"] * per_layer
     # the language-model head's logits at each answer token: in the compute precision, in fp32 for
     # the loss, and the fp32 gradient
     activations += config.batch_size * answer_tokens(config) * s["vocab"] * (element + 8)
@@ -260,7 +312,7 @@ def estimate_memory(
         lora,
         activations,
         CUDA_OVERHEAD_BYTES if on_gpu else 0.0,
-        evaluation_bytes(config, model_config, element),
+        evaluation_bytes(config, model_config, element, eager),
     )
 
 

@@ -58,6 +58,28 @@ def test_memory_estimate_counts_the_fp32_casts_of_a_model_prepared_for_training(
     assert abs(estimate.parameters - measured) / measured <= 0.15, (estimate.parameters, measured)
 
 
+def _cpu_step_memory():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import cpu_step_memory
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    return cpu_step_memory
+
+
+@pytest.mark.parametrize(
+    "case", _cpu_step_memory().cases(), ids=lambda c: "-".join(str(v) for v in c.values())
+)
+def test_memory_estimate_within_15_percent_of_a_training_step_measured_on_the_cpu(case):
+    """SmolLM2 prepared for training, one step (forward, backward, optimizer) on the longest batch:
+    the model, the optimizer's state and the most tensor bytes alive at once, against the estimate
+    of the same (scripts/cpu_step_memory.py, docs/performance.md)."""
+    row = _cpu_step_memory().measure(**case)
+    assert abs(row["ratio"] - 1) <= 0.15, row
+    # the step's working set dominates, so the agreement is not the weights' alone
+    assert row["step_peak_mib"] > 0.3 * row["measured_mib"], row
+
+
 @pytest.mark.parametrize(
     "measured",
     sorted((REPO / "benchmarks" / "results").glob("*/smoke_*.json")),
