@@ -238,12 +238,12 @@ def merge_dtype() -> Decision:
     )
 
 
-def attention_implementation(choice: str = "auto") -> Decision:
+def attention_implementation(choice: str = "auto", on_gpu: bool | None = None) -> Decision:
     """The attention kernel: ``choice`` itself, or for "auto" "sdpa" on a GPU and "eager" on the
-    CPU."""
+    CPU (``on_gpu``: this machine's, unless given)."""
     if choice != "auto":
         return Decision(choice, f"{choice}: set in the config")
-    if gpu_available():
+    if gpu_available() if on_gpu is None else on_gpu:
         return Decision("sdpa", "GPU: PyTorch's SDPA runs the fused flash/memory-efficient kernels")
     return Decision(
         "eager", "CPU: eager attention trains faster than SDPA on short rows and predicts as fast"

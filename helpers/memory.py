@@ -36,7 +36,13 @@ from typing import Any
 import torch
 
 from helpers.config import CourseConfig
-from helpers.hardware import Decision, free_memory, gpu_available, gpu_memory
+from helpers.hardware import (
+    Decision,
+    attention_implementation,
+    free_memory,
+    gpu_available,
+    gpu_memory,
+)
 
 GiB = 2**30
 # NF4 with double quantization: 4 bits a weight, an 8-bit absmax a block of 64, an fp32 constant a
@@ -167,14 +173,6 @@ def _lora_targets(config: CourseConfig) -> tuple[str, ...]:
     return tuple(config.lora_target_modules)
 
 
-def eager_attention(config: CourseConfig, on_gpu: bool) -> bool:
-    """Whether attention runs eagerly (scores and probabilities materialised, one ``seq x seq``
-    matrix a head), as ``helpers.hardware.attention_implementation`` decides for that device."""
-    if config.attn_implementation == "auto":
-        return not on_gpu
-    return config.attn_implementation == "eager"
-
-
 def layer_bytes(
     config: CourseConfig, model_config: Any, element: int, sequence: int, eager: bool
 ) -> float:
@@ -295,7 +293,7 @@ def estimate_memory(
     s = _shape(model_config)
     sequence = sequence_tokens(config)
     tokens = config.batch_size * sequence  # the longest batch
-    eager = eager_attention(config, on_gpu)
+    eager = attention_implementation(config.attn_implementation, on_gpu).value == "eager"
     per_layer = layer_bytes(config, model_config, element, sequence, eager)
     if checkpointing:
         # the layer inputs kept are the residual stream: fp32 once prepare_model_for_kbit_training
