@@ -28,19 +28,12 @@ import torch
 from torch.autograd import profiler
 
 from helpers.config import load_config
-from helpers.hardware import cpu_has_fast_bf16, hardware_name
+from helpers.hardware import cpu_has_fast_bf16, hardware_name, peak_memory_mb, reset_peak_memory
 from helpers.instruct import IGNORE_INDEX, ResponseLossTrainer
 from helpers.memory import answer_tokens, estimate_memory, sequence_tokens
 from helpers.modeling import add_lora, load_for_task
 
 MiB = 2**20
-
-
-def _rss_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def allocated_peak(step: Any) -> int:
@@ -98,10 +91,10 @@ def measure(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    before = _rss_mib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set size
+    reset_peak_memory()  # on the CPU: the peak resident set size starts again from the current one
+    before = peak_memory_mb()
     step()  # creates the optimizer's state
-    rss_growth = _rss_mib("VmHWM") - before  # of this first step, before any profiling
+    rss_growth = peak_memory_mb() - before  # of this first step, before any profiling
     state = sum(
         t.numel() * t.element_size()
         for s in optimizer.state.values()
