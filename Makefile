@@ -62,10 +62,15 @@ wheelhouse: setup
 run: setup
 	$(PY) -m helpers.train $(ARGS)
 
-# the linter, then the unit and pipeline tests and every notebook executed and compared by nbval
+# the linter, then the unit and pipeline tests and every notebook executed and compared by nbval;
+# then every chapter on llama3-tiny under COURSE_SIMULATE_GPU=t4 (helpers/simulated_gpu.py)
 test: setup
 	$(VENV)/bin/ruff check .
 	COURSE_PROFILE=smollm2-cpu $(PY) -m pytest tests notebooks --nbval --nbval-current-env $(PYTEST_ARGS)
+	@echo "the chapters again: Llama 3 8B's path in miniature on a simulated free Colab T4 (nbval-lax)"
+	COURSE_SIMULATE_GPU=t4 COURSE_PROFILE=llama3-tiny COURSE_OUTPUTS=$$(mktemp -d) \
+	  $(PY) -m pytest notebooks/[0-9][0-9]_*.ipynb --nbval-lax --nbval-current-env \
+	  -p no:cacheprovider $(PYTEST_ARGS)
 
 # JupyterLab (pinned in requirements-lab.txt, installed once), the course's kernel, then Lab opened
 # in notebooks/; stop it with Ctrl-C. Options for Lab: make lab LAB_ARGS="--no-browser --port 8889"

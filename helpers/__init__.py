@@ -7,7 +7,20 @@ Each module names the notebook that teaches it; notebooks import explicit names,
 __version__ = "0.1.0"
 
 import logging as _logging
+import os as _os
+import sys as _sys
 import warnings as _warnings
+
+# Kaggle shows a notebook two T4s; the Trainer would then split each batch over both in one process
+# (DataParallel, which a 4-bit model cannot use) and double the batch. A notebook uses one GPU; two
+# processes (`accelerate launch -m helpers.train`) use both. Set before torch starts.
+if (
+    "ipykernel" in _sys.modules
+    and "torch" not in _sys.modules
+    and "LOCAL_RANK" not in _os.environ
+    and "CUDA_VISIBLE_DEVICES" not in _os.environ
+):
+    _os.environ["CUDA_VISIBLE_DEVICES"] = "0"
 
 
 class _MissingKernelsNote(_logging.Filter):
@@ -25,3 +38,9 @@ _logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_MissingKernelsNot
 # tqdm, imported by the libraries in a Jupyter kernel without ipywidgets, warns that it draws text
 # bars instead of widgets: that line only, wherever it is imported first
 _warnings.filterwarnings("ignore", message="IProgress not found")
+
+# COURSE_SIMULATE_GPU=t4: the process answers and fits as a free Colab T4 would (tests and CI)
+if _os.environ.get("COURSE_SIMULATE_GPU"):
+    from helpers.simulated_gpu import start as _start_simulation
+
+    _start_simulation()

@@ -217,6 +217,7 @@ class Profile:
     settings: dict[str, Any] = field(default_factory=dict)  # other CourseConfig values
     instruct: dict[str, Any] = field(default_factory=dict)  # what `task: instruct` changes
     bench_sizes: tuple[int, int] = (64, 50)  # benchmark rows per class: (train, test)
+    learns: bool = True  # False: random weights and a few rows, whose accuracy means nothing
 
     def config(self, task: str = "classify") -> CourseConfig:
         """This profile's CourseConfig for ``task``."""
@@ -243,6 +244,17 @@ LLAMA3_SETTINGS: dict[str, Any] = {
     "save_steps": 200,
 }
 
+# what instruction tuning changes on llama3-8b, shared by llama3-tiny (the simulated T4 runs it).
+# Within a T4 (helpers.memory): label scoring keeps each prompt's key-value cache, in fp32 after
+# training, once per label, so 8 prompts a batch; general Alpaca answers put up to ~490 tokens a
+# row through the 128k-word head, whose 16-bit copy of the fp32 weights autocast keeps for the
+# backward pass, so 2 rows a step, four times (the same 8 rows an update)
+LLAMA3_INSTRUCT: dict[str, Any] = {
+    "eval_batch_size": 8,
+    "batch_size": 2,
+    "gradient_accumulation_steps": 4,
+}
+
 PROFILES: dict[str, Profile] = {
     profile.name: profile
     for profile in (
@@ -267,15 +279,7 @@ PROFILES: dict[str, Profile] = {
             val_per_class=250,
             test_per_class=500,
             settings={"data_source": "hub", **LLAMA3_SETTINGS},
-            # within a T4 (helpers.memory): label scoring keeps each prompt's key-value cache once
-            # per label, so 16 prompts a batch; general Alpaca answers put up to ~490 tokens a row
-            # through the 128k-word head, so 4 rows a step, twice (the same 8 rows an update)
-            instruct={
-                "alpaca_general_rows": 1000,
-                "eval_batch_size": 16,
-                "batch_size": 4,
-                "gradient_accumulation_steps": 2,
-            },
+            instruct={"alpaca_general_rows": 1000, **LLAMA3_INSTRUCT},
             bench_sizes=(500, 250),
         ),
         Profile(
@@ -287,10 +291,18 @@ PROFILES: dict[str, Profile] = {
             val_per_class=2,
             test_per_class=4,
             settings={**LLAMA3_SETTINGS, "logging_steps": 1},
+            instruct=LLAMA3_INSTRUCT,
             bench_sizes=(8, 4),
+            learns=False,
         ),
     )
 }
+
+
+def learns(config: CourseConfig) -> bool:
+    """Whether ``config``'s profile trains a model whose accuracy means something (llama3-tiny's
+    random two layers only run the code path)."""
+    return PROFILES[config.profile].learns
 
 
 def profile_names() -> str:

@@ -29,10 +29,73 @@ class Decision(NamedTuple):
     reason: str
 
 
+# ---------------------------------------------------------------- a simulated runtime
+SIMULATE_ENV_VAR = "COURSE_SIMULATE_GPU"
+
+
+class Runtime(NamedTuple):
+    """A hosted GPU runtime as a learner gets it: what a simulated run must fit in."""
+
+    name: str
+    gpus: int
+    gpu_total: int  # bytes torch reports as the GPU's total
+    gpu_free: int  # bytes free once CUDA has started
+    ram: int
+    outputs_quota: int  # the storage that outlives the session (Drive, /kaggle/working)
+    outputs_place: str
+
+
+T4_TOTAL = 15_835_660_288  # torch.cuda.mem_get_info's total on a T4 (16 GB less ECC)
+# Colab's free T4 and Kaggle's two, as docs/performance.md describes them
+RUNTIMES = {
+    "t4": Runtime(
+        "a free Colab T4",
+        1,
+        T4_TOTAL,
+        int(14.5 * 2**30),
+        12_700_000_000,
+        15 * 10**9,
+        "Google Drive (15 GB in all on the free plan)",
+    ),
+    "kaggle": Runtime(
+        "Kaggle's two T4s",
+        2,
+        T4_TOTAL,
+        int(14.5 * 2**30),
+        29 * 10**9,
+        20 * 10**9,
+        "/kaggle/working (20 GB)",
+    ),
+}
+# the simulated GPU's ledger (``helpers.simulated_gpu.Ledger``: ``gpu_bytes()``, ``peak``), set when
+# the simulation starts
+simulated_gpu: Any = None
+
+
+def simulated_runtime() -> Runtime | None:
+    """The runtime ``COURSE_SIMULATE_GPU`` names (``t4``, ``kaggle``), or None: tensors stay on the
+    CPU, while memory questions and precision decisions are answered as that runtime's GPU would
+    answer them (``helpers.simulated_gpu`` counts what it would hold)."""
+    name = os.environ.get(SIMULATE_ENV_VAR, "").strip().lower()
+    if not name or gpu_available():  # a real GPU answers for itself
+        return None
+    if name not in RUNTIMES:
+        raise ValueError(
+            f"{SIMULATE_ENV_VAR}={name!r} is not a runtime the course simulates: use one of "
+            f"{sorted(RUNTIMES)}, or unset it."
+        )
+    return RUNTIMES[name]
+
+
 # ---------------------------------------------------------------- what the machine has
 def gpu_available() -> bool:
     """True when PyTorch can use an NVIDIA GPU (the only place the course asks CUDA)."""
     return torch.cuda.is_available()
+
+
+def on_gpu() -> bool:
+    """True where the run's memory and precision are a GPU's: a real one, or a simulated one."""
+    return gpu_available() or simulated_runtime() is not None
 
 
 def gpu_index() -> int:
@@ -108,6 +171,14 @@ def hardware_name() -> str:
     (``AVX2``, ``AVX512``), whether bf16 is native, and the number of threads."""
     if gpu_available():
         return torch.cuda.get_device_name(gpu_index())
+    runtime = simulated_runtime()
+    if runtime is not None:
+        return f"{runtime.name}, simulated on {cpu_name()}"
+    return cpu_name()
+
+
+def cpu_name() -> str:
+    """The CPU's model name, its vector instructions, whether bf16 is native, and the threads."""
     model = "CPU"
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -123,7 +194,12 @@ def hardware_name() -> str:
 
 
 def gpu_memory() -> tuple[int, int] | None:
-    """(free, total) bytes of this process's GPU, or None without a GPU."""
+    """(free, total) bytes of this process's GPU (a simulated one's, less what it holds), or None
+    without a GPU."""
+    runtime = simulated_runtime()
+    if runtime is not None and not gpu_available():
+        held = int(simulated_gpu.gpu_bytes()) if simulated_gpu is not None else 0
+        return runtime.gpu_free - held, runtime.gpu_total
     if not gpu_available():
         return None
     free, total = torch.cuda.mem_get_info(gpu_index())
@@ -169,14 +245,18 @@ def device_map() -> dict[str, int] | None:
 def compute_dtype() -> Decision:
     """Precision of the matrix products in the 4-bit layers (``bnb_4bit_compute_dtype``) and of a
     16-bit load."""
-    if not gpu_available():
+    runtime = simulated_runtime()
+    if not gpu_available() and runtime is None:
         return Decision(
             torch.float32,
             "CPU: 4-bit layers de-quantize to fp32, because bitsandbytes trains "
             "much more slowly with bf16 compute on a CPU",
         )
-    name = torch.cuda.get_device_name(gpu_index())
-    major, minor = torch.cuda.get_device_capability(gpu_index())
+    if runtime is not None and not gpu_available():
+        name, (major, minor) = f"{runtime.name} (simulated)", (7, 5)
+    else:
+        name = torch.cuda.get_device_name(gpu_index())
+        major, minor = torch.cuda.get_device_capability(gpu_index())
     if major >= 8:
         return Decision(
             torch.bfloat16,
@@ -192,6 +272,12 @@ def compute_dtype() -> Decision:
 
 def mixed_precision() -> Decision:
     """The Trainer's ``bf16``/``fp16`` flags (autocast around the forward pass)."""
+    if simulated_runtime() is not None and not gpu_available():
+        return Decision(
+            {"bf16": False, "fp16": False},
+            "simulated T4: a T4 trains in fp16 autocast, which the Trainer allows on a GPU only; "
+            "the simulation counts its 16-bit activations instead",
+        )
     if not gpu_available():
         if cpu_has_fast_bf16():
             return Decision(
@@ -212,7 +298,7 @@ def mixed_precision() -> Decision:
 
 def serving_dtype() -> Decision:
     """Precision of a merged model when it predicts."""
-    if gpu_available():
+    if on_gpu():
         dtype = compute_dtype().value
         return Decision(dtype, f"GPU: {str(dtype).removeprefix('torch.')}, the compute precision")
     if cpu_has_fast_bf16():
@@ -228,7 +314,7 @@ def serving_dtype() -> Decision:
 
 def merge_dtype() -> Decision:
     """Precision of the base that the adapter is merged into (and of the merged model saved)."""
-    if gpu_available():
+    if on_gpu():
         dtype = compute_dtype().value
         return Decision(
             dtype, f"GPU: {str(dtype).removeprefix('torch.')}, a 16-bit model as it is served"
@@ -238,12 +324,12 @@ def merge_dtype() -> Decision:
     )
 
 
-def attention_implementation(choice: str = "auto", on_gpu: bool | None = None) -> Decision:
+def attention_implementation(choice: str = "auto", gpu: bool | None = None) -> Decision:
     """The attention kernel: ``choice`` itself, or for "auto" "sdpa" on a GPU and "eager" on the
-    CPU (``on_gpu``: this machine's, unless given)."""
+    CPU (``gpu``: whether this machine is a GPU run, unless given)."""
     if choice != "auto":
         return Decision(choice, f"{choice}: set in the config")
-    if gpu_available() if on_gpu is None else on_gpu:
+    if on_gpu() if gpu is None else gpu:
         return Decision("sdpa", "GPU: PyTorch's SDPA runs the fused flash/memory-efficient kernels")
     return Decision(
         "eager", "CPU: eager attention trains faster than SDPA on short rows and predicts as fast"
@@ -252,7 +338,11 @@ def attention_implementation(choice: str = "auto", on_gpu: bool | None = None) -
 
 # ---------------------------------------------------------------- peak memory
 def reset_peak_memory() -> None:
-    """Start a new peak: torch's counter on a GPU, the kernel's peak RSS (VmHWM) on Linux CPUs."""
+    """Start a new peak: torch's counter on a GPU, the simulated GPU's, the kernel's peak RSS
+    (VmHWM) on Linux CPUs."""
+    if simulated_gpu is not None:
+        simulated_gpu.peak = 0.0
+        return
     if gpu_available():
         torch.cuda.reset_peak_memory_stats()
         return
@@ -262,7 +352,10 @@ def reset_peak_memory() -> None:
 
 def peak_memory_mb() -> float:
     """Peak memory since the start or ``reset_peak_memory()``, in MiB: GPU memory allocated by torch
-    on a GPU, the process's peak resident set size on the CPU."""
+    on a GPU (what a simulated GPU would have held), the process's peak resident set size on the
+    CPU."""
+    if simulated_gpu is not None:
+        return simulated_gpu.peak / 2**20
     if gpu_available():
         return torch.cuda.max_memory_allocated() / 2**20
     with contextlib.suppress(OSError):
@@ -274,6 +367,10 @@ def peak_memory_mb() -> float:
 
 def peak_memory_kind() -> Decision:
     """What ``peak_memory_mb`` measures here."""
+    if simulated_gpu is not None:
+        return Decision(
+            "simulated GPU", "what the simulated GPU would hold at the Llama 3 8B shape (estimated)"
+        )
     if gpu_available():
         return Decision("GPU", "GPU memory allocated by PyTorch (torch.cuda.max_memory_allocated)")
     return Decision(

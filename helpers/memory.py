@@ -24,7 +24,8 @@ The estimate adds:
     token, and the attention scores with eager attention) and, for instruction tuning, the
     **key-value cache** (keys and values of every layer for each prompt, repeated once per label by
     label scoring) plus the label logits;
-* a fixed **overhead** for the CUDA context and the allocator's cache (0 on the CPU).
+* a fixed **overhead** for the allocator's cache, reserved but unallocated (0 on the CPU); the CUDA
+  context is not counted, because the free memory the estimate is compared with excludes it.
 """
 
 from __future__ import annotations
@@ -35,20 +36,24 @@ from typing import Any
 
 import torch
 
-from helpers.config import CourseConfig
+from helpers.config import PROFILES, CourseConfig
 from helpers.hardware import (
     Decision,
     attention_implementation,
     free_memory,
-    gpu_available,
     gpu_memory,
+    simulated_runtime,
 )
+from helpers.hardware import on_gpu as gpu_run
 
 GiB = 2**30
 # NF4 with double quantization: 4 bits a weight, an 8-bit absmax a block of 64, an fp32 constant a
 # 256 blocks
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
-# context and allocator slack measured on typical GPUs is 0.3-1 GiB
+# the allocator's cache: memory PyTorch reserved but did not allocate, which the free memory it is
+# compared with still counts as free (the CUDA context is not: it is gone before "free" is read).
+# Measured at the two out-of-memory errors of an H100 capped as a T4: 0.46 and 1.04 GiB
+# (benchmarks/results/2026-11-25-h100/out_of_memory.txt)
 CUDA_OVERHEAD_BYTES = int(0.6 * GiB)
 # the Alpaca template around an article (BOS, instruction naming the labels, headers): at most this
 # many tokens with SmolLM2's or Llama 3's tokenizer (tests/test_gpu_path.py checks both)
@@ -79,6 +84,12 @@ LLAMA3_8B_SHAPE: dict[str, Any] = {
 }
 
 
+def runtime_shape(model_config: Any) -> Any:
+    """The shape this machine's memory questions are about: the model's own, or on a simulated GPU
+    (``COURSE_SIMULATE_GPU``) Llama 3 8B's, the shape the simulation counts every model at."""
+    return LLAMA3_8B_SHAPE if simulated_runtime() is not None else model_config
+
+
 @dataclass
 class MemoryEstimate:
     parameters: float
@@ -86,6 +97,11 @@ class MemoryEstimate:
     activations: float
     overhead: float
     evaluation: float = 0.0  # working set of an evaluation batch (key-value cache, logits)
+
+    @property
+    def training(self) -> float:
+        """The training step's peak: weights, LoRA and overhead, plus the step's activations."""
+        return self.parameters + self.lora_and_optimizer + self.activations + self.overhead
 
     @property
     def total(self) -> float:
@@ -120,6 +136,13 @@ def _shape(model_config: Any) -> dict[str, int]:
     }
 
 
+def _tied(model_config: Any) -> bool:
+    """Whether the language-model head shares the embedding's weights."""
+    if isinstance(model_config, dict):
+        return bool(model_config.get("tie_word_embeddings", False))
+    return bool(getattr(model_config, "tie_word_embeddings", False))
+
+
 def linear_shapes(model_config: Any) -> dict[str, tuple[int, int]]:
     """(in, out) of each linear layer in one decoder layer of a Llama-architecture model."""
     s = _shape(model_config)
@@ -140,13 +163,8 @@ def parameter_counts(model_config: Any, num_labels: int, task: str = "classify")
     which 4-bit loading leaves in 16-bit and which shares the embedding only where tied)."""
     s = _shape(model_config)
     linear = s["layers"] * sum(i * o for i, o in linear_shapes(model_config).values())
-    tied = (
-        model_config.get("tie_word_embeddings", False)
-        if isinstance(model_config, dict)
-        else getattr(model_config, "tie_word_embeddings", False)
-    )
     if task == "instruct":
-        head = 0 if tied else s["vocab"] * s["h"]
+        head = 0 if _tied(model_config) else s["vocab"] * s["h"]
     else:
         head = s["h"] * num_labels
     other = s["vocab"] * s["h"] + (2 * s["layers"] + 1) * s["h"] + head
@@ -276,7 +294,7 @@ def estimate_memory(
     picks); ``checkpointing``: with or without gradient checkpointing (default: the config's
     setting, where it is True or False; "auto" decides for this machine, as training would).
     """
-    on_gpu = gpu_available() if on_gpu is None else on_gpu
+    on_gpu = gpu_run() if on_gpu is None else on_gpu
     # fp16 on older GPUs: the same 2 bytes
     dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
     element = torch.tensor([], dtype=dtype).element_size()
@@ -305,12 +323,18 @@ def estimate_memory(
     # the language-model head's logits at each answer token: in the compute precision, in fp32 for
     # the loss, and the fp32 gradient
     activations += config.batch_size * answer_tokens(config) * s["vocab"] * (element + 8)
+    if config.task == "instruct" and element < 4 and not _tied(model_config):
+        # the untied head, fp32 once prepared, as autocast's 16-bit copy kept for the backward pass
+        activations += s["vocab"] * s["h"] * element
+    # evaluation runs without autocast (CourseTrainer removes it after training): a prepared 4-bit
+    # model's residual stream, key-value cache and logits are fp32 there
+    evaluation_element = 4 if bits == 4 else element
     return MemoryEstimate(
         parameters,
         lora,
         activations,
         CUDA_OVERHEAD_BYTES if on_gpu else 0.0,
-        evaluation_bytes(config, model_config, element, eager),
+        evaluation_bytes(config, model_config, evaluation_element, eager),
     )
 
 
@@ -327,13 +351,15 @@ def gradient_checkpointing(
     if isinstance(config.gradient_checkpointing, bool):
         return Decision(config.gradient_checkpointing, "set in the config")
     free = free_memory() if free_bytes is None else free_bytes
+    if free_bytes is None:
+        model_config = runtime_shape(model_config)
     if free is None:
         return Decision(
             False,
             "free memory unknown: off (set gradient_checkpointing: true if a run "
             "runs out of memory)",
         )
-    on_gpu = gpu_available() if free_bytes is None else True
+    on_gpu = gpu_run() if free_bytes is None else True
     bits = 4 if config.load_in_4bit else 16
     without = estimate_memory(config, model_config, bits, on_gpu=on_gpu, checkpointing=False).total
     if without <= 0.9 * free:
@@ -390,6 +416,7 @@ def warn_if_too_big(
         if memory is None:
             return None
         available_bytes = memory[0]  # free, not total: another process may hold some
+        model_config = runtime_shape(model_config)
     checkpointing = gradient_checkpointing(config, model_config, available_bytes).value
     estimate = estimate_memory(
         config,
@@ -408,3 +435,44 @@ def warn_if_too_big(
             stacklevel=2,
         )
     return estimate
+
+
+CHECKPOINTS_KEPT = 2  # the Trainer's save_total_limit (helpers.training.training_arguments)
+
+
+def storage_plan(model_config: Any = LLAMA3_8B_SHAPE) -> list[dict[str, Any]]:
+    """What the course writes, where, and how big, for ``model_config`` (Llama 3 8B by default)
+    with the ``llama3-8b`` settings: small, precious files in the outputs folder (Google Drive on
+    Colab, /kaggle/working on Kaggle), large ones on the runtime's local disk (lost with the
+    session, and made again from the adapter in minutes)."""
+    rows = []
+    for task, notebook in (("classify", "06-07"), ("instruct", "08")):
+        config = PROFILES["llama3-8b"].config(task)
+        folder = "" if task == "classify" else "instruct/"
+        lora = lora_parameters(model_config, config) * 4  # fp32
+        merged = parameter_counts(model_config, config.num_labels, task)["total"] * 2  # fp16
+        rows += [
+            {"notebook": notebook, "what": f"{folder}adapter/", "where": "outputs", "bytes": lora},
+            {
+                "notebook": notebook,
+                "what": f"{folder}checkpoints/ ({CHECKPOINTS_KEPT} kept: adapter and Adam's state)",
+                "where": "outputs",
+                "bytes": CHECKPOINTS_KEPT * lora * 3,
+            },
+            {
+                "notebook": notebook,
+                "what": f"{folder}merged/ (fp16)",
+                "where": "local disk",
+                "bytes": merged,
+            },
+        ]
+    counts = parameter_counts(model_config, 4, "instruct")["total"]
+    rows.append(
+        {
+            "notebook": "03-08",
+            "what": "the Hub download (bf16, Hugging Face cache)",
+            "where": "local disk",
+            "bytes": counts * 2,
+        }
+    )
+    return rows

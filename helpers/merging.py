@@ -25,8 +25,10 @@ from helpers.hardware import (
     gpu_memory,
     merge_dtype,
     serving_dtype,
+    simulated_runtime,
 )
 from helpers.io import atomic_directory, atomic_write_json
+from helpers.memory import parameter_counts, runtime_shape
 from helpers.modeling import ModelError, is_4bit, load_for_task, load_tokenizer
 
 LABELS_FILE = "course_labels.json"
@@ -360,9 +362,12 @@ def merge_and_save(
 
     The adapter is loaded on the base it was trained on (the 4-bit model for QLoRA) and merged layer
     by layer (``stream_merge``), so no 16-bit copy of the model is ever whole in GPU memory or RAM.
-    The merged folder is then loaded as ``helpers.predict`` loads it, when it fits: with
-    ``check_texts`` the trained model and the merged model are compared on them (``merge_check``).
-    Returns (merged_model or None when it does not fit this GPU, tokenizer, check or None).
+    With ``check_texts``, the merged weights are checked layer by layer against the trained model
+    (``check_merge_by_layer``, which fits wherever training did); then, where the merged model fits
+    this GPU (``merged_model_fits``, decided once the trained model is freed, before loading), it is
+    loaded as ``helpers.predict`` loads it and compared with the trained model on ``check_texts``
+    (``merge_check``). Returns
+    (merged_model or None when it does not fit, tokenizer, check or None).
     """
     meta = read_labels(adapter_folder)
     config = _config_from_labels(meta)
@@ -374,31 +379,172 @@ def merge_and_save(
     )
     before = None if check_texts is None else _decisions(model, tokenizer, check_texts, config)
     stream_merge(model, tokenizer, adapter_folder, merged_folder, dtype, shard_bytes)
-    (model,) = release_memory(model)
-    if not merged_model_fits(merged_folder):
+    by_layer = None if check_texts is None else check_merge_by_layer(model, merged_folder)
+    (model,) = release_memory(model)  # before deciding: the merged model would replace it
+    if not merged_model_fits(merged_folder, dtype):
         print(
             f"The merged model ({merged_size(merged_folder) / 1e9:.1f} GB) is saved but does not "
-            "fit this GPU: evaluate the adapter on its 4-bit base instead "
-            "(python -m helpers.predict --model RUN/adapter)."
+            "fit this GPU: its weights were checked layer by layer, and the adapter on its 4-bit "
+            "base serves instead (python -m helpers.predict --model RUN/adapter)."
         )
-        return None, tokenizer, None
+        return None, tokenizer, by_layer
     merged, tokenizer, _ = load_for_inference(merged_folder, dtype=dtype)
     check = None
     if before is not None:
         after = _decisions(merged, tokenizer, check_texts, config)
         check = merge_check(before, after, dtype, config.task)
+        check["by_layer"] = by_layer
+        check["passed"] = check["passed"] and by_layer["passed"]
     return merged, tokenizer, check
 
 
+def model_bytes(model_config: Any, num_labels: int, task: str, dtype: torch.dtype) -> int:
+    """Bytes of a whole model in ``dtype``, from its config alone (on a simulated GPU: at the
+    Llama 3 8B shape, as the simulation counts it)."""
+    counts = parameter_counts(runtime_shape(model_config), num_labels, task)
+    return counts["total"] * torch.tensor([], dtype=dtype).element_size()
+
+
 def merged_size(folder: str | Path) -> int:
-    """Bytes of the weights in a model folder."""
-    return sum(path.stat().st_size for path in Path(folder).glob("*.safetensors"))
+    """Bytes of the weights in a model folder (on a simulated GPU: what they would be at the
+    Llama 3 8B shape, in the folder's dtype)."""
+    folder = Path(folder)
+    if simulated_runtime() is None:
+        return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(folder)
+    meta = read_labels(folder)
+    task = meta.get("task", "classify")
+    return model_bytes(model_config, len(meta["labels"]), task, _folder_dtype(folder))
 
 
-def merged_model_fits(folder: str | Path) -> bool:
-    """True on the CPU, or where the GPU has room for the merged weights and 20% more."""
+def merged_model_fits(folder: str | Path, dtype: torch.dtype | None = None) -> bool:
+    """True on the CPU, or where the GPU has room for the merged weights (in ``dtype``, default
+    the folder's) and 20% more (its working set); decided from the files, before anything is
+    loaded. Free the models you hold first: they take the room the merged model would need."""
     memory = gpu_memory()
-    return memory is None or merged_size(folder) * 1.2 <= memory[0]
+    if memory is None:
+        return True
+    size = merged_size(folder)
+    if dtype is not None:
+        size = size * dtype.itemsize // _folder_dtype(folder).itemsize
+    return size * 1.2 <= memory[0]
+
+
+def _folder_dtype(folder: str | Path) -> torch.dtype:
+    """The dtype a model folder's config.json names (fp16 where it names none)."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float16"
+    return getattr(torch, name) if isinstance(name, str) else torch.float16
+
+
+def servable_folder(folder: str | Path, adapter: str | Path | None = None) -> Path:
+    """The folder to serve: ``folder``; or the run's ``adapter`` (default: ``adapter/`` beside
+    ``folder``) on its 4-bit base, the trained model itself, where ``folder`` is a merged model that
+    does not fit this GPU, or is gone (on a hosted runtime merged models live on the local disk,
+    which a new session starts without)."""
+    folder = Path(folder)
+    adapter = Path(adapter) if adapter is not None else folder.parent / "adapter"
+    if (folder / "adapter_config.json").is_file():
+        return folder
+    has_adapter = (adapter / "adapter_config.json").is_file()
+    if not (folder / "config.json").is_file():
+        if has_adapter:
+            print(f"no merged model in {folder}: serving {adapter} on its 4-bit base")
+            return adapter
+        return folder  # load_for_inference names what is missing
+    if merged_model_fits(folder):
+        return folder
+    free = gpu_memory()[0] / 2**30
+    size = merged_size(folder) / 1e9
+    if has_adapter:
+        print(
+            f"{folder}: the merged model ({size:.1f} GB) does not fit this GPU ({free:.1f} GiB "
+            f"free): serving {adapter} on its 4-bit base instead"
+        )
+        return adapter
+    raise ModelError(
+        f"{folder}: the merged model ({size:.1f} GB) does not fit this GPU ({free:.1f} GiB free). "
+        "Pass the run's adapter/ folder instead (served on the 4-bit base), or use a larger GPU."
+    )
+
+
+def _shard_reader(folder: Path) -> Any:
+    """``read(name)``: one tensor of a merged folder, read from its shard alone (``safe_open``)."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = json.loads(index.read_text())["weight_map"]
+    else:
+        with safe_open(str(folder / "model.safetensors"), "pt") as handle:
+            files = dict.fromkeys(handle.keys(), "model.safetensors")
+
+    def read(name: str) -> torch.Tensor | None:
+        if name not in files:
+            return None
+        with safe_open(str(folder / files[name]), "pt") as handle:
+            return handle.get_tensor(name)
+
+    return read
+
+
+def check_merge_by_layer(model: Any, merged_folder: str | Path) -> dict[str, Any]:
+    """Check a merged folder against the trained model one layer at a time (it fits wherever the
+    trained model does: one merged tensor in memory at a time).
+
+    For each LoRA layer, random inputs go through the trained layer (its 4-bit weight plus the LoRA
+    update, as peft computes them) and through the merged weight read from its shard; the two must
+    agree within a tenth of the LoRA update's own contribution, plus the rounding of the merged
+    weight's precision, so a shard without the update fails. Tensors trained whole (the ``score``
+    head) must equal the trained copy within that rounding. Returns the worst layer's error as a
+    share of its LoRA contribution, and ``passed``."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
+    read = _shard_reader(Path(merged_folder))
+    generator = torch.Generator().manual_seed(0)
+    worst, layers, problems = 0.0, 0, []
+    for name, module in model.get_base_model().named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            trained = module.modules_to_save[module.active_adapters[0]]
+            for key, tensor in trained.state_dict().items():
+                saved = read(f"{name}.{key}")
+                if saved is None or not _close(saved, tensor):
+                    problems.append(f"{name}.{key}")
+            continue
+        if not isinstance(module, LoraLayer):
+            continue
+        saved = read(f"{name}.weight")
+        if saved is None:
+            problems.append(f"{name}.weight missing")
+            continue
+        x = torch.randn(4, module.in_features, generator=generator)
+        x = x.to(module.lora_A[module.active_adapters[0]].weight.device)
+        with torch.no_grad():
+            expected = module(x).float()
+            update = expected - module.get_base_layer()(x).float()
+            merged = saved.to(x.device).float()
+            got = x @ merged.T
+        rounding = 2 * torch.finfo(saved.dtype).eps * (x.abs() @ merged.abs().T)
+        error = (got - expected).abs() - rounding.max()
+        share = float(error.max() / update.abs().max().clamp_min(1e-12))
+        worst, layers = max(worst, share), layers + 1
+    passed = layers > 0 and worst <= 0.1 and not problems
+    return {
+        "layers": layers,
+        "worst_error_of_update": worst,
+        "problems": problems,
+        "passed": passed,
+    }
+
+
+def _close(saved: torch.Tensor, trained: torch.Tensor) -> bool:
+    """A tensor as saved in a merged folder's precision against the trained one."""
+    trained = trained.detach().to("cpu").float()
+    eps = torch.finfo(saved.dtype).eps if saved.is_floating_point() else 0.0
+    return bool((saved.float() - trained).abs().max() <= eps * trained.abs().max() + 1e-12)
 
 
 def _decisions(
@@ -439,18 +585,6 @@ def model_outputs(
     return predict_logits(model, tokenizer, texts, batch_size, config.max_length, progress=False)
 
 
-def save_merged(
-    merged: Any, tokenizer: Any, adapter_folder: str | Path, merged_folder: str | Path
-) -> Path:
-    """Save a merged model with its tokenizer and the adapter's labels (atomically)."""
-    meta = read_labels(adapter_folder)
-    with atomic_directory(merged_folder) as tmp:
-        merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _write_labels(tmp, _config_from_labels(meta))
-    return Path(merged_folder)
-
-
 def load_for_inference(
     folder: str | Path, dtype: torch.dtype | None = None
 ) -> tuple[Any, Any, dict[int, str]]:
@@ -486,6 +620,12 @@ def load_for_inference(
                 "the run's merged/ folder."
             ) from None
     elif (folder / "config.json").is_file():
+        if not merged_model_fits(folder, dtype):
+            raise ModelError(
+                f"the merged model in {folder} ({merged_size(folder) / 1e9:.1f} GB) does not fit "
+                f"this GPU ({gpu_memory()[0] / 2**30:.1f} GiB free). Load the run's adapter/ "
+                "folder instead (served on the 4-bit base), or free the models you hold."
+            )
         tokenizer = load_tokenizer(str(folder))
         auto_class = (
             AutoModelForCausalLM
@@ -500,6 +640,11 @@ def load_for_inference(
                 attn_implementation=attention_implementation().value,
                 device_map=device_map(),
             )
+        except torch.OutOfMemoryError:
+            raise ModelError(
+                f"out of GPU memory loading {folder}: other models still hold it. Free them "
+                "(accelerate.utils.release_memory), or load the run's adapter/ folder instead."
+            ) from None
         except Exception as error:  # a truncated or damaged weights file: safetensors' errors
             raise ModelError(
                 f"cannot load the model in {folder} ({type(error).__name__}: "

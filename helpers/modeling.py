@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from helpers.config import ConfigError, CourseConfig
-from helpers.hardware import attention_implementation, compute_dtype, device_map
+from helpers.hardware import attention_implementation, compute_dtype, device_map, on_gpu
 from helpers.io import atomic_directory, cache_dir, hub_reachable
 
 SMOLLM2 = "smollm2"
@@ -360,7 +360,7 @@ def _load(
         model_config = _from_pretrained(AutoConfig, path)
         settings = config.replace(load_in_4bit=four_bit)
         checkpointing = gradient_checkpointing(settings, model_config).value
-        if placement is not None:
+        if on_gpu():
             warn_if_too_big(settings, model_config)
     torch.manual_seed(config.seed)  # a new score head is initialised from this seed
     model = _from_pretrained(auto_class, path, **kwargs)

@@ -6,13 +6,16 @@ Taught in notebook 00 (setup); called at the top of notebooks 01-08.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import warnings
 from pathlib import Path
 from typing import Any
 
-from helpers.config import CourseConfig, load_config
+import huggingface_hub
+
+from helpers.config import PROFILES, CourseConfig, load_config
 from helpers.hardware import compute_dtype, device
 from helpers.io import REPO_ROOT
 
@@ -83,9 +86,63 @@ def outputs_root() -> Path:
     return REPO_ROOT / "notebooks" / "outputs"
 
 
+def on_colab() -> bool:
+    """True in a Google Colab runtime (its ``google.colab`` package is installed)."""
+    try:
+        return importlib.util.find_spec("google.colab") is not None
+    except ModuleNotFoundError:  # no "google" package at all
+        return False
+
+
+def connect_runtime(config: CourseConfig) -> None:
+    """What each notebook needs on a hosted runtime, where every notebook may start a new machine:
+    on Colab, Google Drive mounted (the outputs folder, which outlives the session); for a gated
+    model without a Hub token, a login from the runtime's secret ``HF_TOKEN`` (Colab's or Kaggle's
+    Secrets), else the login box. Skipped where already done, and off Colab and Kaggle."""
+    if on_colab() and not os.environ.get(OUTPUTS_ENV_VAR) and not COLAB_DRIVE.is_dir():
+        from google.colab import drive  # only on Colab
+
+        drive.mount(str(COLAB_DRIVE.parent))  # /content/drive
+    if not PROFILES[config.profile].needs_hub_login or not (on_colab() or KAGGLE_WORKING.is_dir()):
+        return
+    if huggingface_hub.get_token() is not None:
+        return
+    try:
+        if on_colab():
+            from google.colab import userdata
+
+            token = userdata.get("HF_TOKEN")
+        else:
+            from kaggle_secrets import UserSecretsClient  # only on Kaggle
+
+            token = UserSecretsClient().get_secret("HF_TOKEN")
+    except Exception:  # no such secret, or not shared with this notebook
+        token = None
+    huggingface_hub.login(token=token)  # without a token: the login box asks for one
+
+
+LOCAL_ENV_VAR = "COURSE_LOCAL_OUTPUTS"
+
+
+def local_outputs_root() -> Path:
+    """Where large files go (merged models, 15-16 GB at the Llama 3 8B shape):
+    ``$COURSE_LOCAL_OUTPUTS`` if set; on Colab and Kaggle the runtime's local disk
+    (``/content/local-outputs``, ``/tmp/llama3-course``: lost with the session, rebuilt from the
+    adapter in minutes), so that Drive's 15 GB and /kaggle/working's 20 GB keep what is small and
+    precious; elsewhere the outputs folder itself."""
+    env = os.environ.get(LOCAL_ENV_VAR)
+    if env:
+        return Path(env)
+    if COLAB_DRIVE.is_dir():
+        return Path("/content/local-outputs")
+    if KAGGLE_WORKING.is_dir():
+        return Path("/tmp/llama3-course")
+    return outputs_root()
+
+
 def start(profile: str | None = None, **overrides: object) -> tuple[CourseConfig, Path]:
-    """Resolve the config, seed torch/numpy/random, quiet the libraries; returns (config, output
-    folder).
+    """Resolve the config, connect a hosted runtime (Drive, Hub login: ``connect_runtime``), seed
+    torch/numpy/random, quiet the libraries; returns (config, output folder).
 
     The output folder is ``<outputs_root()>/<profile>``, shared by the notebooks so that notebook
     07 finds the adapter notebook 06 trained.
@@ -95,6 +152,7 @@ def start(profile: str | None = None, **overrides: object) -> tuple[CourseConfig
     from transformers import set_seed
 
     config = load_config(profile, **overrides)
+    connect_runtime(config)
     set_seed(config.seed)
     output_dir = outputs_root() / config.profile
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,13 @@ from tqdm.auto import tqdm
 
 from helpers.data import DataError, read_text_csv
 from helpers.evaluation import classification_metrics, softmax
-from helpers.merging import load_for_inference, model_outputs, read_labels, saved_config
+from helpers.merging import (
+    load_for_inference,
+    model_outputs,
+    read_labels,
+    saved_config,
+    servable_folder,
+)
 from helpers.modeling import ModelError
 
 CHUNK_ROWS = 256  # rows predicted, then written, at a time
@@ -74,9 +80,11 @@ def predict_file(
     Rows are predicted and written ``CHUNK_ROWS`` at a time into ``<output>.partial.csv``, renamed
     to ``output_csv`` when all are done; Ctrl-C keeps the partial file and raises ``Interrupted``.
     A header file's other columns (``id``, ...) are written back beside the predictions.
-    ``dtype``: "auto" (``helpers.hardware.serving_dtype``), "float32" or "bfloat16".
+    ``dtype``: "auto" (``helpers.hardware.serving_dtype``), "float32", "float16" or "bfloat16". A
+    merged model that does not fit this GPU is served from the run's adapter/ (its 4-bit base).
     """
     output = check_output(input_csv, output_csv)
+    model_dir = servable_folder(model_dir)
     meta = read_labels(model_dir)
     labels = meta["labels"]
     df = read_text_csv(input_csv, labels=labels, keep_columns=True)
@@ -150,9 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="rows per batch (default 16)")
     parser.add_argument(
         "--dtype",
-        choices=["auto", "float32", "bfloat16"],
+        choices=["auto", "float32", "float16", "bfloat16"],
         default="auto",
-        help="auto: bf16 on GPUs and on CPUs with native bf16, else fp32",
+        help="auto: the GPU's compute precision (fp16 on a T4, bf16 on an A100 or newer), bf16 on "
+        "CPUs with native bf16, else fp32",
     )
     args = parser.parse_args(argv)
     output = args.output or f"{Path(args.input).stem}.predictions.csv"

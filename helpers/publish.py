@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import json
 import sys
@@ -134,11 +135,18 @@ def model_card(
         )
         if key in config
     )
-    if metrics.get("merge_check_rows"):
+    check = metrics.get("merge_check") or {}
+    if "rows" in check:
         merge_note = (
-            f"Merge check: the merged model kept {metrics['merge_same_predictions']:.0%} of the "
-            f"trained model's predictions on {metrics['merge_check_rows']} test rows "
-            f"(passed: {metrics['merge_check_passed']})."
+            f"Merge check: the merged model kept {check['same_predictions']:.0%} of the "
+            f"trained model's predictions on {check['rows']} test rows "
+            f"(passed: {check['passed']})."
+        )
+    elif "layers" in check:
+        merge_note = (
+            f"Merge check, layer by layer (the merged model did not fit the GPU whole): "
+            f"{check['layers']} layers, largest error "
+            f"{check['worst_error_of_update']:.2g} of a LoRA update (passed: {check['passed']})."
         )
     else:
         merge_note = "No merge check was measured for this run."
@@ -151,12 +159,12 @@ def model_card(
         )
         if key in metrics
     )
-    stages = (
-        "`baseline`: the untrained model; `final`: the trained model, merged, as served."
-        if instruct
-        else "`baseline`: the untrained model; `final`: the trained model; `merged`: the merged "
-        "model as served."
+    served = (
+        "the adapter on its 4-bit base, as served where the merged model does not fit the GPU"
+        if metrics.get("served") == "adapter"
+        else "the merged model as served"
     )
+    stages = f"`baseline`: the untrained model; `final`: the trained model; `merged`: {served}."
     kind = "merged" if what == "merged" else "LoRA adapter"
     subject = "The LoRA adapter" if what == "adapter" else "The LoRA adapter merged into the base"
     output = (
@@ -321,7 +329,7 @@ def write_model_cards(
     ``replace`` is False); ``config`` and ``metrics`` as ``model_card`` takes them."""
     written = []
     for what in ("merged", "adapter"):
-        folder = Path(run_dir) / what
+        folder = run_part(run_dir, what, metrics)
         card = folder / "README.md"
         if not folder.is_dir() or (
             not replace and card.is_file() and CARD_MARK in card.read_text()
@@ -421,6 +429,19 @@ class _Progress(Callback):
         self.seen = max(self.seen, self.value or 0)
 
 
+def run_part(run_dir: str | Path, what: str, metrics: dict[str, Any] | None = None) -> Path:
+    """A run's ``adapter/`` or merged model: ``run_dir/what``, or the ``merged_dir`` that its
+    metrics.json names (a run kept on Google Drive merges onto the runtime's local disk)."""
+    file = Path(run_dir) / "metrics.json"
+    if what == "merged" and metrics is None and file.is_file():
+        with contextlib.suppress(ValueError):
+            metrics = json.loads(file.read_text())
+    where = metrics.get("merged_dir") if isinstance(metrics, dict) and what == "merged" else None
+    if where and Path(where).is_dir():
+        return Path(where)
+    return Path(run_dir) / what
+
+
 def publish(
     run_dir: str | Path,
     url: str,
@@ -429,7 +450,7 @@ def publish(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Upload ``run_dir/what`` to ``url``, verify it, and return what was uploaded and checked."""
-    source = Path(run_dir) / what
+    source = run_part(run_dir, what)
     if not source.is_dir():
         raise PublishError(
             f"{source} does not exist: pass a finished run folder (python -m helpers.train)."

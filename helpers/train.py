@@ -56,6 +56,7 @@ from helpers.modeling import (
     load_for_task,
     trainable_parameters,
 )
+from helpers.notebook import COLAB_DRIVE, KAGGLE_WORKING, local_outputs_root
 from helpers.plots import (
     plot_class_distribution,
     plot_confusion_matrix,
@@ -76,14 +77,21 @@ MERGE_CHECK_ROWS = 32  # test rows on which the merged model must decide as the 
 
 
 def run(
-    config: CourseConfig, output_dir: str | Path, overwrite: bool = False, resume: bool = False
+    config: CourseConfig,
+    output_dir: str | Path,
+    overwrite: bool = False,
+    resume: bool = False,
+    merged_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the job and return the metrics written to ``output_dir/metrics.json``.
 
     With ``resume``, training continues from the last complete checkpoint in
-    ``output_dir/checkpoints``.
+    ``output_dir/checkpoints``. The merged model goes to ``merged_dir`` (default
+    ``default_merged_dir``: ``output_dir/merged``, or on a hosted runtime's Drive or
+    /kaggle/working the local disk).
     """
     final = Path(output_dir)
+    merged_dir = Path(merged_dir) if merged_dir else default_merged_dir(final)
     checkpoint = check_run_folder(final, overwrite, resume)
     # under `accelerate launch` only rank 0 writes
     main_process = int(os.environ.get("RANK", "0")) == 0
@@ -186,8 +194,8 @@ def run(
         if not main_process:
             return {}
 
-        # ---- 07 evaluation and merging: the trained model, its adapter, the merged model
-        metrics: dict[str, Any] = {}
+        # ---- 07 evaluation and merging: the trained model, then (recorded first, so that a merge
+        #      stopped by a full disk or a kill loses nothing) the merged model that is served
         if not instruct:
             plot_training_curves(
                 log,
@@ -196,48 +204,16 @@ def run(
                 * config.gradient_accumulation_steps
                 * trainer.args.world_size,
             )
-            print("final evaluation on the test split")
-            trained = evaluate_on_test(model, tokenizer, test, config)
-            write_predictions(out, test, trained, config)
+        print("final evaluation on the test split")
+        trained = evaluate_on_test(model, tokenizer, test, config)
+        write_predictions(out, test, trained, config)
+        if not instruct:
             plot_confusion_matrix(
                 confusion(test["label"], trained["predictions"], config.labels),
                 config.labels,
                 out / "confusion_matrix.png",
             )
-            metrics["final"] = trained["metrics"]
         save_adapter(model, tokenizer, config, out / "adapter")
-        trainer, model = release_memory(trainer, model)  # gc breaks accelerate's reference cycle
-        served, served_tokenizer, check = merge_and_save(
-            out / "adapter", out / "merged", test["text"].tolist()[:MERGE_CHECK_ROWS]
-        )
-        if served is None:  # the merged model does not fit this GPU: serve the adapter on 4-bit
-            served, served_tokenizer, _ = load_for_inference(out / "adapter")
-        elif instruct and serving_dtype().value != merge_dtype().value:
-            served = None  # free the merge-dtype copy first
-            served, served_tokenizer, _ = load_for_inference(out / "merged")
-        print("evaluation of the served model on the test split")
-        merged = evaluate_on_test(served, served_tokenizer, test, config)
-        if check is not None:
-            metrics["merge_check_rows"] = check["rows"]
-            metrics["merge_same_predictions"] = check["same_predictions"]
-            metrics["merge_check_passed"] = check["passed"]
-            if not check["passed"]:
-                print(
-                    f"WARNING: the merged model decides differently from the trained one: {check}"
-                )
-        if instruct:
-            write_predictions(out, test, merged, config)
-            metrics["final"] = merged["metrics"]
-            metrics["serving_dtype"] = str(next(served.parameters()).dtype).removeprefix("torch.")
-            if check is not None:
-                metrics["merge_max_abs_score_diff"] = check["max_abs_difference"]
-                metrics["merged_answers_equal"] = check["same_answers"]
-        else:
-            metrics["merged"] = merged["metrics"]
-            if check is not None:
-                metrics["merge_max_abs_logit_diff"] = check["max_abs_difference"]
-        print("final", metrics["final"])
-
         metrics = {
             "task": config.task,
             "profile": config.profile,
@@ -246,7 +222,8 @@ def run(
             "train_rows": len(train_rows),
             "test_rows": len(test),
             "baseline": baseline,
-            **metrics,
+            "final": trained["metrics"],
+            "merged": None,  # filled in once the merge is done and checked
             "resumed_from": checkpoint.name if checkpoint else None,
             "train_seconds": round(train_seconds, 2),  # of this process only, when resumed
             "train_samples_per_second": round(samples_here / train_seconds, 3),
@@ -255,6 +232,10 @@ def run(
             "gradient_checkpointing": checkpointing,
             "trainable_parameters": params["trainable"],
         }
+        metrics["merged_dir"] = str(merged_dir.resolve())
+        atomic_write_json(out / "metrics.json", metrics)
+        trainer, model = release_memory(trainer, model)  # gc breaks accelerate's reference cycle
+        metrics.update(merge_and_serve(out, merged_dir, test, config, trained))
         atomic_write_json(out / "metrics.json", metrics)
         # README.md in adapter/ and merged/, from config.yaml and metrics.json
         write_model_cards(out)
@@ -264,6 +245,52 @@ def run(
             f"{accuracy(metrics['final']):.3f} after {train_seconds:.0f} s of training"
         )
         return metrics
+
+
+def default_merged_dir(out: Path) -> Path:
+    """``out/merged``; for a run folder in a hosted runtime's kept storage (Google Drive,
+    /kaggle/working), the runtime's local disk: a merged Llama 3 8B is 15-16 GB."""
+    resolved = out.resolve()
+    for kept in (COLAB_DRIVE.resolve(), KAGGLE_WORKING.resolve()):
+        if resolved.is_relative_to(kept):
+            return local_outputs_root() / "runs" / resolved.relative_to(kept) / "merged"
+    return out / "merged"
+
+
+def merge_and_serve(
+    out: Path, merged_dir: Path, test: pd.DataFrame, config: CourseConfig, trained: dict[str, Any]
+) -> dict[str, Any]:
+    """Merge ``out/adapter`` into ``merged_dir``, check it, and evaluate what is served on the test
+    split: the merged model, or where it does not fit this GPU the adapter on its 4-bit base (the
+    trained model itself, already evaluated as ``trained``). Returns the metrics to record."""
+    served, served_tokenizer, check = merge_and_save(
+        out / "adapter", merged_dir, test["text"].tolist()[:MERGE_CHECK_ROWS]
+    )
+    metrics: dict[str, Any] = {"served": "merged" if served is not None else "adapter"}
+    if served is None:  # the adapter on the 4-bit base is the trained model: evaluated above
+        metrics["merged"] = trained["metrics"]
+    else:
+        if served_dtype_differs(config):
+            served = None  # free the merge-dtype copy first
+            served, served_tokenizer, _ = load_for_inference(merged_dir)
+        print("evaluation of the merged model on the test split")
+        metrics["merged"] = evaluate_on_test(served, served_tokenizer, test, config)["metrics"]
+        metrics["serving_dtype"] = str(next(served.parameters()).dtype).removeprefix("torch.")
+    if check is not None:
+        metrics["merge_check"] = check
+        if not check["passed"]:
+            print(
+                "WARNING: the merge check failed (the merged model differs from the trained "
+                f"one): {check}"
+            )
+    print("merged", metrics["merged"])
+    return metrics
+
+
+def served_dtype_differs(config: CourseConfig) -> bool:
+    """Whether the model served is in another precision than the merged one checked: instruct
+    models are served in the serving precision (the head's merge check already is)."""
+    return config.task == "instruct" and serving_dtype().value != merge_dtype().value
 
 
 # ---------------------------------------------------------------- the steps' helpers
@@ -475,6 +502,11 @@ def main(argv: list[str] | None = None) -> int:
         "--output-dir", help="run folder (default: runs/<profile>, runs/<profile>-instruct)"
     )
     parser.add_argument(
+        "--merged-dir",
+        help="where the merged model goes (default: DIR/merged; for a DIR on Google Drive or in "
+        "/kaggle/working, the runtime's local disk: a merged Llama 3 8B is 15-16 GB)",
+    )
+    parser.add_argument(
         "--overwrite", action="store_true", help="replace a finished or interrupted run"
     )
     parser.add_argument(
@@ -503,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
                 open_destination(args.upload)
             except PublishError as error:
                 raise ConfigError(f"--upload: {error}") from None
-        run(config, out, overwrite=args.overwrite, resume=args.resume)
+        run(config, out, args.overwrite, args.resume, args.merged_dir)
         if args.upload and int(os.environ.get("RANK", "0")) == 0:
             publish(out, args.upload)
     except (ConfigError, DataError, ModelError, FileExistsError, RunFolderError) as error:

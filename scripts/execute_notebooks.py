@@ -7,7 +7,10 @@ Run it on the offline profile (COURSE_PROFILE=smollm2-cpu) before committing not
 (pytest --nbval) compare the checked outputs against these. The solutions come last: some read
 what the chapters saved (07's need 06's adapter and 07's merged model; 08's need 06-08's).
 Each header's "**takes:** N s on `MACHINE`" is rewritten with the time its cells took in this run
-and ``hardware_name()``, so the quoted time is always the stored run's.
+and ``hardware_name()``, so the quoted time is always the stored run's; each chapter's estimate on a
+free Colab T4 with Llama 3 8B is copied from its row in docs/performance.md (``t4_estimates``).
+
+    python scripts/execute_notebooks.py --estimates-only   # copy the T4 estimates, execute nothing
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from nbclient import NotebookClient
 
 from helpers.hardware import hardware_name
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
 SOLUTIONS = NOTEBOOKS / "solutions"
 
 
@@ -32,6 +36,34 @@ def default_notebooks() -> list[Path]:
 
 
 TAKES = re.compile(r"(\*\*takes:\*\* )(?:about )?[\d,]+ s on `[^`]+`")
+T4_LINE = re.compile(r"\n\n\*\*On a free Colab T4 with Llama 3 8B:\*\*[^\n]*")
+T4_TABLE = "<!-- t4-estimates"
+T4_ANCHOR = "../docs/performance.md#the-notebooks-on-a-free-colab-t4-with-llama-3-8b-estimates"
+
+
+def t4_estimates() -> dict[str, str]:
+    """Each chapter's estimated time on a free Colab T4 with Llama 3 8B (docs/performance.md)."""
+    text = (REPO / "docs" / "performance.md").read_text()
+    table = text[text.index(T4_TABLE) :].split("\n\n")[0].splitlines()[3:]
+    return {row.split("|")[1].strip(): row.split("|")[3].strip() for row in table}
+
+
+def t4_line(stem: str, estimates: dict[str, str]) -> str:
+    return (
+        f"\n\n**On a free Colab T4 with Llama 3 8B:** about {estimates[stem]} in a new runtime, "
+        f"an estimate ([docs/performance.md]({T4_ANCHOR}))."
+    )
+
+
+def with_t4_estimate(source: str, stem: str, estimates: dict[str, str]) -> str:
+    """A chapter's first cell with its T4 estimate as the line after the "Runs on" paragraph."""
+    source = T4_LINE.sub("", source)
+    if stem not in estimates:
+        return source
+    start = source.index("**Runs on:**")
+    end = source.find("\n\n", start)
+    end = len(source) if end < 0 else end
+    return source[:end] + t4_line(stem, estimates) + source[end:]
 
 
 def cells_seconds(notebook: nbformat.NotebookNode) -> int:
@@ -43,6 +75,15 @@ def cells_seconds(notebook: nbformat.NotebookNode) -> int:
 
 
 def main(paths: list[str]) -> int:
+    estimates = t4_estimates()
+    if paths == ["--estimates-only"]:
+        for path in default_notebooks():
+            notebook = nbformat.read(path, as_version=4)
+            notebook.cells[0].source = with_t4_estimate(
+                notebook.cells[0].source, path.stem, estimates
+            )
+            nbformat.write(notebook, path)
+        return 0
     notebooks = [Path(p) for p in paths] or default_notebooks()
     machine = hardware_name()
     for path in notebooks:
@@ -56,8 +97,10 @@ def main(paths: list[str]) -> int:
             resources={"metadata": {"path": str(path.parent)}},
         ).execute()
         seconds = cells_seconds(notebook)
-        notebook.cells[0].source = TAKES.sub(
-            rf"\g<1>{seconds:,} s on `{machine}`", notebook.cells[0].source
+        notebook.cells[0].source = with_t4_estimate(
+            TAKES.sub(rf"\g<1>{seconds:,} s on `{machine}`", notebook.cells[0].source),
+            path.stem,
+            estimates,
         )
         nbformat.write(notebook, path)
         print(f"{path.name}: {seconds} s", flush=True)

@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         "loaded_peak_memory_mb": round(loaded_mb, 1),
         "train_peak_memory_mb": round(peak_memory_mb(), 1),
-        "estimated_peak_memory_mb": round(estimate.total / 2**20, 1),
+        "estimated_peak_memory_mb": round(estimate.training / 2**20, 1),
         "eval_logits_finite": bool(torch.isfinite(torch.as_tensor(logits)).all()),
         "date": time.strftime("%Y-%m-%d"),
     }

@@ -95,7 +95,7 @@ def test_train_predict_and_merge_on_llama3_tiny(run_command, tmp_path, monkeypat
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["profile"] == "llama3-tiny" and metrics["train_rows"] == 32
     assert torch.isfinite(torch.tensor(metrics["train_loss"]))
-    assert metrics["merge_check_passed"] and metrics["merge_same_predictions"] == 1.0
+    assert metrics["merge_check"]["passed"] and metrics["merge_check"]["same_predictions"] == 1.0
     assert metrics["gradient_checkpointing"] is False  # "auto": it fits without
     merged = run / "merged"
     assert json.loads((merged / "config.json").read_text()).get("quantization_config") is None

@@ -1,6 +1,7 @@
 """The offline default job end to end (one real training run), merging, reloading and predict."""
 
 import gc
+import shutil
 import subprocess
 import sys
 import time
@@ -10,6 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from peft.utils.integrations import dequantize_bnb_weight
+from safetensors.torch import load_file, save_file
 
 from benchmarks.bench import inference_tokens
 from benchmarks.probes import matrix_product_gflops
@@ -17,6 +20,7 @@ from helpers.data import AG_NEWS_CSV, read_text_csv
 from helpers.evaluation import predict_logits
 from helpers.merging import (
     LABELS_FILE,
+    check_merge_by_layer,
     load_adapter,
     load_for_inference,
     merge,
@@ -76,13 +80,15 @@ def test_training_lifts_accuracy_far_above_the_baseline(default_run):
     # default's accuracy (notebook 07 asserts that one)
     assert metrics["final"]["accuracy"] >= metrics["baseline"]["accuracy"] + 0.25
     assert metrics["final"]["macro_f1"] >= metrics["baseline"]["macro_f1"] + 0.25
-    assert metrics["merge_check_rows"] == 32 and metrics["merge_same_predictions"] == 1.0
+    check = metrics["merge_check"]
+    assert check["rows"] == 32 and check["same_predictions"] == 1.0 and check["passed"]
+    assert metrics["served"] == "merged"
     # merged into the de-quantized NF4 base, the fp32 model keeps the 4-bit trained model's accuracy
     assert abs(metrics["merged"]["accuracy"] - metrics["final"]["accuracy"]) <= 0.025  # 1 row
 
 
 def test_merged_and_adapter_logits_agree(default_run):
-    assert default_run["metrics"]["merge_max_abs_logit_diff"] <= 1e-3
+    assert default_run["metrics"]["merge_check"]["max_abs_difference"] <= 1e-3
     texts = default_run["test"]["text"].tolist()[:16]
     adapter_model, tokenizer = load_adapter(
         default_run["dir"] / "adapter", load_in_4bit=False, dtype=torch.float32
@@ -364,3 +370,21 @@ def test_the_merge_check_in_bf16_what_a_gpu_serves(default_run, tmp_path):
     assert 1e-3 < check["max_abs_difference"], check  # bf16 rounding shows; fp32's bound would fail
     # the same comparison judged by fp32's tolerance fails: the check depends on the dtype
     assert not merge_check((before, []), (after, []), torch.float32, config.task)["passed"]
+
+
+def test_the_layer_check_fails_a_merge_that_lost_an_update(default_run, tmp_path):
+    """check_merge_by_layer (the check that fits a T4) passes the run's merge and fails the same
+    folder with one layer's LoRA update left out: the base weight alone."""
+    model, _ = load_adapter(default_run["dir"] / "adapter", load_in_4bit=True)
+    merged = tmp_path / "merged"
+    shutil.copytree(default_run["dir"] / "merged", merged)
+    good = check_merge_by_layer(model, merged)
+    assert good["passed"] and good["layers"] == 30 * 7, good
+    name = "model.layers.0.self_attn.q_proj"
+    weight = model.get_base_model().get_submodule(name).get_base_layer().weight
+    tensors = load_file(merged / "model.safetensors")
+    key = f"{name}.weight"
+    tensors[key] = dequantize_bnb_weight(weight, weight.quant_state).to(tensors[key].dtype)
+    save_file(tensors, merged / "model.safetensors", metadata={"format": "pt"})
+    lost = check_merge_by_layer(model, merged)
+    assert not lost["passed"] and lost["worst_error_of_update"] > 0.5, lost
