@@ -224,3 +224,6 @@ def test_each_chapter_quotes_its_t4_estimate_from_the_docs():
     for path in chapters:
         header = nbformat.read(path, as_version=4).cells[0].source
         assert script.t4_line(path.stem, estimates) in header, path.name
+    readme = (REPO / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| about (an estimate) |"))
+    assert [cell.strip() for cell in row.split("|")[2:-1]] == list(estimates.values())
