@@ -227,3 +227,22 @@ def test_each_chapter_quotes_its_t4_estimate_from_the_docs():
     readme = (REPO / "README.md").read_text()
     row = next(line for line in readme.splitlines() if line.startswith("| about (an estimate) |"))
     assert [cell.strip() for cell in row.split("|")[2:-1]] == list(estimates.values())
+
+
+def test_kaggle_is_simulated_with_its_own_ram(t4_runs):
+    """COURSE_SIMULATE_GPU=kaggle: the same T4 per notebook, 29 GB of RAM, where the merged
+    classifier held in RAM (15 GB at the 8B shape) fits, as it does not on Colab's 12.7 GB."""
+    merged = t4_runs["classify"]["dir"] / "merged"
+    result = _python(
+        f"""
+        import torch
+        from transformers import AutoModelForSequenceClassification as Auto
+        from helpers.hardware import gpu_memory, hardware_name
+        print(hardware_name().split(',')[0], round(gpu_memory()[0] / 2**30, 1))
+        Auto.from_pretrained(r'{merged}', dtype=torch.float16, device_map='cpu')
+        print('in RAM: fits')
+        """,
+        simulate="kaggle",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == ["Kaggle's two T4s 14.5", "in RAM: fits"]
