@@ -218,6 +218,26 @@ def layer_bytes(
     return per_token
 
 
+def activation_bytes(
+    config: CourseConfig,
+    model_config: Any,
+    element: int,
+    rows: int,
+    sequence: int,
+    checkpointing: bool,
+    residual: int,
+    eager: bool = False,
+) -> float:
+    """Bytes a training batch of ``rows`` x ``sequence`` tokens keeps for the backward pass:
+    ``layer_bytes`` in every layer, or with gradient checkpointing each layer's input (the residual
+    stream, ``residual`` bytes a value) and one layer's worth."""
+    s = _shape(model_config)
+    per_layer = layer_bytes(config, model_config, element, sequence, eager)
+    if checkpointing:
+        return rows * sequence * (s["layers"] * s["h"] * residual + per_layer)
+    return rows * sequence * s["layers"] * per_layer
+
+
 def kv_cache_bytes(model_config: Any, tokens: int, element: int) -> int:
     """Bytes of a key-value cache holding ``tokens`` tokens (summed over the batch): a key and a
     value of width kv in every layer."""
@@ -310,16 +330,14 @@ def estimate_memory(
     lora = lora_parameters(model_config, config) * 16
     s = _shape(model_config)
     sequence = sequence_tokens(config)
-    tokens = config.batch_size * sequence  # the longest batch
     eager = attention_implementation(config.attn_implementation, on_gpu).value == "eager"
-    per_layer = layer_bytes(config, model_config, element, sequence, eager)
-    if checkpointing:
-        # the layer inputs kept are the residual stream: fp32 once prepare_model_for_kbit_training
-        # has cast the embeddings (4-bit training), else in the compute precision
-        residual = 4 if bits == 4 else element
-        activations = tokens * (s["layers"] * s["h"] * residual + per_layer)
-    else:
-        activations = tokens * s["layers"] * per_layer
+    # the layer inputs kept under checkpointing are the residual stream: fp32 once
+    # prepare_model_for_kbit_training has cast the embeddings (4-bit training), else the compute
+    # precision
+    residual = 4 if bits == 4 else element
+    activations = activation_bytes(
+        config, model_config, element, config.batch_size, sequence, checkpointing, residual, eager
+    )
     # the language-model head's logits at each answer token: in the compute precision, in fp32 for
     # the loss, and the fp32 gradient
     activations += config.batch_size * answer_tokens(config) * s["vocab"] * (element + 8)

@@ -37,9 +37,9 @@ from helpers.memory import (
     LINEAR_NAMES,
     LLAMA3_8B_SHAPE,
     NF4_BYTES_PER_WEIGHT,
+    activation_bytes,
     kv_cache_bytes,
-    layer_bytes,
-    linear_shapes,
+    lora_parameters,
     parameter_counts,
 )
 
@@ -56,18 +56,20 @@ def _element(tensor: torch.Tensor | None) -> float:
     return tensor.element_size()
 
 
-def _lora_layers(model: torch.nn.Module) -> list[tuple[str, Any]]:
-    return [(name, m) for name, m in model.named_modules() if hasattr(m, "lora_A")]
-
-
-def lora_settings(model: torch.nn.Module) -> tuple[int, tuple[str, ...]]:
-    """(rank, adapted layer names) of the LoRA layers in ``model``; (0, ()) without LoRA."""
-    layers = _lora_layers(model)
+def lora_settings(model: torch.nn.Module) -> CourseConfig | None:
+    """The LoRA rank and adapted layers of ``model`` as settings, or None without LoRA."""
+    layers = [(name, m) for name, m in model.named_modules() if hasattr(m, "lora_A")]
     if not layers:
-        return 0, ()
-    ranks = [max(m.r.values(), default=0) for _, m in layers]
-    names = tuple(sorted({name.rsplit(".", 1)[-1] for name, _ in layers} & set(LINEAR_NAMES)))
-    return max(ranks), names
+        return None
+    rank = max(max(m.r.values(), default=1) for _, m in layers)
+    names = sorted({name.rsplit(".", 1)[-1] for name, _ in layers} & set(LINEAR_NAMES))
+    labels = [str(i) for i in range(getattr(model.config, "num_labels", 2))]
+    return CourseConfig(lora_r=rank, lora_target_modules=names or "all-linear", labels=labels)
+
+
+def lora_weights(settings: CourseConfig | None) -> int:
+    """The trainable weights of a LoRA with ``settings`` at the 8B shape (``helpers.memory``)."""
+    return 0 if settings is None else lora_parameters(SHAPE, settings)
 
 
 def weights_bytes(model: torch.nn.Module) -> float:
@@ -85,10 +87,7 @@ def weights_bytes(model: torch.nn.Module) -> float:
     total = counts["linear"] * _element(linear.weight)
     total += s["vocab_size"] * s["hidden_size"] * _element(model.get_input_embeddings().weight)
     total += head_count * _element(head_weight)
-    rank, names = lora_settings(model)
-    shapes = linear_shapes(SHAPE)
-    lora = s["num_hidden_layers"] * sum(rank * sum(shapes[n]) for n in names)
-    return total + lora * 4
+    return total + lora_weights(lora_settings(model)) * 4  # peft keeps LoRA weights in fp32
 
 
 class Ledger:
@@ -176,23 +175,18 @@ def step_bytes(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> f
     causal = hasattr(model, "lm_head")
     logits = _logit_rows(kwargs, rows, new) * s["vocab_size"] if causal else 0
     if torch.is_grad_enabled() and model.training:
-        rank, names = lora_settings(model)
-        settings = CourseConfig(
-            lora_r=max(rank, 1), lora_target_modules=list(names or LINEAR_NAMES)
+        settings = lora_settings(model)
+        activations = activation_bytes(
+            settings or CourseConfig(),
+            SHAPE,
+            AUTOCAST_BYTES,
+            rows,
+            new,
+            bool(getattr(model, "is_activation_checkpointing", False)),
+            residual=int(_element(model.get_input_embeddings().weight)),
         )
-        per_layer = layer_bytes(settings, SHAPE, AUTOCAST_BYTES, new, eager=False)
-        tokens = rows * new
-        if getattr(model, "is_activation_checkpointing", False):
-            residual = _element(model.get_input_embeddings().weight)
-            activations = tokens * (
-                s["num_hidden_layers"] * s["hidden_size"] * residual + per_layer
-            )
-        else:
-            activations = tokens * s["num_hidden_layers"] * per_layer
-        shapes = linear_shapes(SHAPE)
-        lora = s["num_hidden_layers"] * sum(rank * sum(shapes[n]) for n in names)
         # gradients and Adam's two moments of every LoRA weight, fp32
-        return activations + logits * (AUTOCAST_BYTES + 8) + lora * 12
+        return activations + logits * (AUTOCAST_BYTES + 8) + lora_weights(settings) * 12
     element = _element(model.get_input_embeddings().weight)  # the residual stream's precision
     transient = rows * new * element * (s["hidden_size"] + 3 * s["intermediate_size"])
     cache = 0

@@ -224,6 +224,7 @@ def run(
             "baseline": baseline,
             "final": trained["metrics"],
             "merged": None,  # filled in once the merge is done and checked
+            "merged_dir": str(merged_dir.resolve()),
             "resumed_from": checkpoint.name if checkpoint else None,
             "train_seconds": round(train_seconds, 2),  # of this process only, when resumed
             "train_samples_per_second": round(samples_here / train_seconds, 3),
@@ -232,7 +233,6 @@ def run(
             "gradient_checkpointing": checkpointing,
             "trainable_parameters": params["trainable"],
         }
-        metrics["merged_dir"] = str(merged_dir.resolve())
         atomic_write_json(out / "metrics.json", metrics)
         trainer, model = release_memory(trainer, model)  # gc breaks accelerate's reference cycle
         metrics.update(merge_and_serve(out, merged_dir, test, config, trained))
